@@ -1,0 +1,74 @@
+"""What every subcommand shares: the run context, global options, output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from qmpbackup.errors import UsageError
+
+DEFAULT_CONFIG_DIR = Path("/etc/qmpbackup")
+CONFIG_DIR_ENV = "QMPBACKUP_CONFIG_DIR"
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Resolved global options, handed to every command's ``run``."""
+
+    config_dir: Path
+    debug: bool
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line (a :class:`UsageError`), not usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def global_options() -> ArgumentParser:
+    """A parent parser with the options accepted before or after any subcommand name.
+
+    Defaults are SUPPRESS so that a value given before the subcommand is not
+    overwritten by the subparser's default.
+    """
+    common = ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help=f"configuration directory (default ${CONFIG_DIR_ENV} or {DEFAULT_CONFIG_DIR})",
+    )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log debug messages and show tracebacks",
+    )
+    return common
+
+
+def context_from(args: argparse.Namespace) -> Context:
+    """The only place that reads the environment for global settings."""
+    config_dir = getattr(args, "config_dir", None) or os.environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR
+    return Context(config_dir=Path(config_dir), debug=bool(getattr(args, "debug", False)))
+
+
+def add_output_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output-format",
+        choices=("text", "json"),
+        default="text",
+        help="text for people, json (on stdout) for tools",
+    )
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
