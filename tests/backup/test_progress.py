@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from qmpbackup.backup.progress import Progress, closing_lines
+from qmpbackup.backup.tasklog import TaskLog
+
+GIB = 1 << 30
+
+
+def test_progress_line_format_and_pacing() -> None:
+    p = Progress(total_bytes=32 * GIB, started=100.0)
+    first = p.line(103.0, read=GIB, zero=GIB // 8)
+    assert first is not None
+    assert first.startswith("  3% (1.0 GiB of 32.0 GiB) in 3s, read: 341.3 MiB/s, write: ")
+    assert p.line(104.0, read=2 * GIB, zero=0) is None, "not due: too soon"
+    assert p.line(110.0, read=GIB + 1, zero=0) is None, "not due: same percentage"
+    assert p.line(212.0, read=32 * GIB, zero=GIB, force=True) == (
+        "100% (32.0 GiB of 32.0 GiB) in 1m 52s, read: 291.2 MiB/s, write: 283.0 MiB/s"
+    )
+
+
+def test_closing_lines() -> None:
+    assert closing_lines(32 * GIB, 20 * GIB, 112) == [
+        "backup is sparse: 20.00 GiB (62%) total zero data",
+        "transferred 32.00 GiB in 112 seconds (292.6 MiB/s)",
+    ]
+    assert closing_lines(GIB, 0, 0) == ["transferred 1.00 GiB in 0 seconds (0 B/s)"]
+
+
+def test_tasklog_file_lines_and_warnings(tmp_path: Path) -> None:
+    with TaskLog(tmp_path / "x.log") as log:
+        log.info("status = running")
+        log.warn("skipping guest filesystem freeze - agent configured but not running?")
+        log.lines(20, "hook line 1\nhook line 2\n")
+    lines = (tmp_path / "x.log").read_text().splitlines()
+    assert lines[0].endswith(" INFO: status = running")
+    assert " WARN: skipping guest filesystem freeze" in lines[1]
+    assert len(lines) == 4 and len(lines[0].split(" ")[0]) == 10
+    assert log.warnings == ["skipping guest filesystem freeze - agent configured but not running?"]

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+from qmpbackup.render import (
+    render_bytes,
+    render_disk_size,
+    render_duration,
+    render_hms,
+    render_rate,
+    render_size_decimal,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1 << 30, "1.0 GiB"), (32 << 30, "32.0 GiB"),
+     (357913941, "341.3 MiB")],
+)
+def test_render_bytes(value: int, text: str) -> None:
+    assert render_bytes(value) == text
+
+
+def test_render_bytes_two_decimals() -> None:
+    assert render_bytes(20.11 * (1 << 30), 2) == "20.11 GiB"
+
+
+def test_rate_and_durations() -> None:
+    assert render_rate(1 << 20, 0) == "0 B/s"
+    assert render_rate(10 << 20, 2) == "5.0 MiB/s"
+    assert render_duration(3) == "3s"
+    assert render_duration(112) == "1m 52s"
+    assert render_duration(3723) == "1h 2m 3s"
+    assert render_hms(118) == "00:01:58"
+
+
+def test_decimal_and_disk_sizes() -> None:
+    assert render_size_decimal(5_200_000_000) == "5.20GB"
+    assert render_size_decimal(512) == "512B"
+    assert render_disk_size(32 << 30) == "32G"
+    assert render_disk_size(540672) == "528K"
+    assert render_disk_size(1000) == "1000"
