@@ -1,0 +1,84 @@
+"""``qmpbackup prune``: apply a retention to one VM's backups in a dump directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Any
+
+from qmpbackup.cli.common import Context, add_output_format, print_json
+from qmpbackup.jobs.target import resolve_target
+from qmpbackup.store.dumpdir import apply_prune, plan_prune
+from qmpbackup.store.prune import Mark, counts
+
+log = logging.getLogger(__name__)
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dumpdir DIR | --storage ID``, shared by the commands that work on a dump directory."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--dumpdir", metavar="DIR", help="the dump directory (default: from vzdump.conf)")
+    group.add_argument("--storage", metavar="ID", help="a storage from storage.cfg; backups are in <path>/dump")
+
+
+def target_options(args: argparse.Namespace) -> dict[str, str]:
+    """The vzdump options the target arguments set (only those given)."""
+    options = {}
+    if getattr(args, "dumpdir", None):
+        options["dumpdir"] = args.dumpdir
+    if getattr(args, "storage", None):
+        options["storage"] = args.storage
+    return options
+
+
+def vmid_arg(text: str) -> int:
+    if not text.isdigit() or not 100 <= int(text) <= 999_999_999:
+        raise argparse.ArgumentTypeError(f"invalid VM ID {text!r} (100..999999999)")
+    return int(text)
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "prune",
+        parents=[common],
+        help="remove a VM's backups that the retention does not keep",
+        description="Mark a VM's backups keep/remove/protected/renamed as Proxmox's prune does, "
+        "and remove those marked remove (with their .log and .notes).",
+    )
+    p.add_argument("--vmid", type=vmid_arg, required=True, help="the VM whose backups to prune")
+    add_target_arguments(p)
+    p.add_argument("--prune-backups", metavar="SPEC", help="e.g. keep-last=3,keep-daily=7 (default: storage, "
+                   "then vzdump.conf, then keep-all=1)")
+    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    add_output_format(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    options = target_options(args)
+    if args.prune_backups is not None:
+        options["prune-backups"] = args.prune_backups
+    target = resolve_target(ctx.config_dir, options)
+    retention = target.options.effective_prune
+    entries = plan_prune(target.dump_dir, args.vmid, retention)
+    if retention.keeps_everything():
+        log.info("no prune selection - keeping all files")
+    else:
+        log.info("prune older backups with retention: %s", retention.render())
+    if not args.dry_run:
+        removed = apply_prune(entries)
+        log.info("pruned %d backup(s) not covered by keep-retention policy", len(removed))
+    if args.output_format == "json":
+        print_json([dict(e.as_json(), vmid=args.vmid, type="qemu") for e in entries])
+        return 0
+    prefix = "would " if args.dry_run else ""
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.ctime))
+        mark = f"{prefix}remove" if e.mark is Mark.REMOVE else str(e.mark)
+        print(f"{mark:<13} {when:<19}  {e.path.name}")
+    tally = counts(e.mark for e in entries)
+    verb = "to remove" if args.dry_run else "removed"
+    print(f"{tally[Mark.KEEP]} kept, {tally[Mark.REMOVE]} {verb}, "
+          f"{tally[Mark.PROTECTED]} protected, {tally[Mark.RENAMED]} renamed")
+    return 0

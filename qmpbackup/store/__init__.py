@@ -1,0 +1,1 @@
+"""The dump directory: archive names, sidecar files, listing, protection, notes and prune."""
