@@ -1,0 +1,316 @@
+"""One NBD client connection: fixed newstyle handshake, then the transmission phase.
+
+Decisions (see the module docs of :mod:`qmpbackup.nbd`):
+
+* Simple replies only. ``NBD_OPT_STRUCTURED_REPLY`` and ``NBD_OPT_EXTENDED_HEADERS`` are
+  answered ``NBD_REP_ERR_UNSUP``; QEMU 7.2 and 10.0 then use simple replies, which is all a
+  write-only target needs (structured replies only matter for READ and BLOCK_STATUS).
+* The export is write-only: READ, CACHE, BLOCK_STATUS and RESIZE get EINVAL. QEMU's backup job
+  and ``qemu-img convert -n`` never read the target; answering with data we no longer hold
+  (clusters already went to the archive) would be wrong.
+* WRITE_ZEROES with FAST_ZERO gets ENOTSUP (SEND_FAST_ZERO is not advertised, so QEMU's
+  pre-zeroing falls back to plain writes). NO_HOLE changes nothing: zeroes are zeroes to us.
+* Requests are handled one at a time in arrival order; pipelined requests wait in the socket
+  buffer, which bounds memory to one receive buffer of the largest request seen (at most the
+  advertised maximum). A larger request is a protocol violation: its payload cannot be skipped
+  safely, so the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
+
+from qmpbackup.nbd import proto
+from qmpbackup.errors import QmpBackupError
+from qmpbackup.nbd.errors import NbdConsumerError, NbdError, NbdProtocolError
+from qmpbackup.nbd.export import Export
+from qmpbackup.nbd.proto import CmdFlag, Cmd, Errno, Info, Opt, Rep, TFlag
+
+log = logging.getLogger(__name__)
+
+TRANSMISSION_FLAGS: Final = (
+    TFlag.HAS_FLAGS | TFlag.SEND_FLUSH | TFlag.SEND_FUA | TFlag.SEND_TRIM | TFlag.SEND_WRITE_ZEROES
+)
+MIN_BLOCK: Final = 1
+PREFERRED_BLOCK: Final = 64 * 1024
+MAX_REQUEST: Final = 32 * 1024 * 1024
+_KNOWN_CLIENT_FLAGS: Final = proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES
+_WRITE_FLAGS: Final = CmdFlag.FUA
+_ZERO_FLAGS: Final = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO
+
+
+class _ClientGone(Exception):
+    """The peer closed the socket; ``clean`` when it happened between two messages."""
+
+    def __init__(self, clean: bool) -> None:
+        self.clean = clean
+        super().__init__("peer closed the connection")
+
+
+class Connection:
+    """Serves one accepted socket until DISC, EOF, a violation or cancellation.
+
+    ``exports`` is read at handshake time; ``report`` receives a failure that must fail the
+    backup (a protocol violation, or the consumer's error). ``run`` never raises :class:`NbdError`; it
+    reports and returns.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        exports: Mapping[str, Export],
+        report: Callable[[QmpBackupError], None],
+        *,
+        label: str,
+        max_request: int = MAX_REQUEST,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        self._sock = sock
+        self._exports = exports
+        self._report = report
+        self._label = label
+        self._max_request = max_request
+        self._handshake_timeout = handshake_timeout
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray()
+        self._header = bytearray(proto.REQUEST.size)
+        self._no_zeroes = False
+        self.export: Export | None = None
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        name = self.export.name if self.export is not None else None
+        return f"<Connection {self._label} export={name!r} requests={self.requests}>"
+
+    async def run(self) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self._handshake_timeout):
+                    export = await self._handshake()
+            except TimeoutError:
+                log.warning("%s: NBD handshake not finished after %s s, closing", self._label,
+                            self._handshake_timeout)
+                return
+            if export is None:
+                return
+            self.export = export
+            log.debug("%s: transmission on export %r (%d bytes)", self._label, export.name,
+                      export.size)
+            await self._transmission(export)
+        except _ClientGone as gone:
+            name = self.export.name if self.export is not None else None
+            if gone.clean:
+                level = logging.DEBUG if self.export is None else logging.WARNING
+                log.log(level, "%s: client closed the connection without NBD_CMD_DISC", self._label)
+            else:
+                self._fail(NbdProtocolError("connection closed in the middle of a message", name))
+        except NbdError as err:
+            self._fail(err)
+        except (ConnectionError, BrokenPipeError) as err:
+            log.warning("%s: NBD connection lost: %s", self._label, err)
+        finally:
+            self._sock.close()
+
+    def _fail(self, err: QmpBackupError) -> None:
+        log.error("%s: %s", self._label, err)
+        self._report(err)
+
+    # -- socket helpers --------------------------------------------------------------------
+
+    async def _recv_into(self, view: memoryview, *, boundary: bool = False) -> None:
+        """Fill ``view`` completely; EOF before the first byte at a boundary is a clean close."""
+        first = True
+        while view:
+            n = await self._loop.sock_recv_into(self._sock, view)
+            if n == 0:
+                raise _ClientGone(clean=boundary and first)
+            first = False
+            view = view[n:]
+
+    async def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        await self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    async def _send(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self._sock, data)
+
+    # -- handshake -------------------------------------------------------------------------
+
+    async def _handshake(self) -> Export | None:
+        await self._send(proto.SERVER_GREETING.pack(
+            proto.NBDMAGIC, proto.IHAVEOPT, proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES))
+        flags = bytearray(proto.CLIENT_FLAGS.size)
+        await self._recv_into(memoryview(flags), boundary=True)  # a bare connect+close is no error
+        (cflags,) = proto.CLIENT_FLAGS.unpack(flags)
+        if cflags & ~_KNOWN_CLIENT_FLAGS or not cflags & proto.FLAG_C_FIXED_NEWSTYLE:
+            raise NbdProtocolError(f"client flags {cflags:#x} (need fixed newstyle, know only 0x3)")
+        self._no_zeroes = bool(cflags & proto.FLAG_C_NO_ZEROES)
+        while True:
+            header = bytearray(proto.OPTION_HEADER.size)
+            await self._recv_into(memoryview(header), boundary=True)
+            magic, option, length = proto.OPTION_HEADER.unpack(header)
+            if magic != proto.IHAVEOPT:
+                raise NbdProtocolError(f"option magic {magic:#x}")
+            if length > proto.MAX_OPTION_LENGTH:
+                raise NbdProtocolError(f"option {option} with {length} bytes of data")
+            data = await self._recv(length)
+            log.debug("%s: option %s (%d bytes)", self._label, _opt_name(option), length)
+            if option == Opt.GO or option == Opt.INFO:
+                export = await self._opt_info(option, data)
+                if export is not None and option == Opt.GO:
+                    return export
+            elif option == Opt.EXPORT_NAME:
+                return await self._opt_export_name(data)
+            elif option == Opt.ABORT:
+                await self._opt_reply(option, Rep.ACK)
+                return None
+            elif option == Opt.LIST:
+                await self._opt_list(data)
+            else:  # STRUCTURED_REPLY, EXTENDED_HEADERS, STARTTLS, META_CONTEXT, unknown
+                await self._opt_reply(option, Rep.ERR_UNSUP, b"option not supported")
+
+    async def _opt_reply(self, option: int, reply: Rep, payload: bytes = b"") -> None:
+        await self._send(proto.OPTION_REPLY_HEADER.pack(
+            proto.OPTION_REPLY_MAGIC, option, reply, len(payload)) + payload)
+
+    async def _opt_list(self, data: bytes) -> None:
+        if data:
+            await self._opt_reply(Opt.LIST, Rep.ERR_INVALID, b"NBD_OPT_LIST takes no data")
+            return
+        for name in self._exports:
+            raw = name.encode()
+            await self._opt_reply(Opt.LIST, Rep.SERVER, proto.U32.pack(len(raw)) + raw)
+        await self._opt_reply(Opt.LIST, Rep.ACK)
+
+    async def _opt_info(self, option: int, data: bytes) -> Export | None:
+        parsed = _parse_info_request(data)
+        if parsed is None:
+            await self._opt_reply(option, Rep.ERR_INVALID, b"malformed info request")
+            return None
+        name, _requests = parsed
+        export = self._exports.get(name)
+        if export is None:
+            await self._opt_reply(option, Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
+            return None
+        await self._opt_reply(option, Rep.INFO, proto.INFO_EXPORT.pack(
+            Info.EXPORT, export.size, TRANSMISSION_FLAGS))
+        await self._opt_reply(option, Rep.INFO, proto.INFO_BLOCK_SIZE.pack(
+            Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, self._max_request))
+        await self._opt_reply(option, Rep.ACK)
+        return export
+
+    async def _opt_export_name(self, data: bytes) -> Export | None:
+        name = data.decode(errors="replace")
+        export = self._exports.get(name)
+        if export is None:
+            # The spec allows no error reply here: closing is the answer.
+            log.warning("%s: NBD_OPT_EXPORT_NAME for unknown export %r, closing", self._label, name)
+            return None
+        padding = b"" if self._no_zeroes else bytes(proto.EXPORT_NAME_PADDING)
+        await self._send(proto.EXPORT_NAME_REPLY.pack(export.size, TRANSMISSION_FLAGS) + padding)
+        return export
+
+    # -- transmission ----------------------------------------------------------------------
+
+    async def _transmission(self, export: Export) -> None:
+        consumer = export.consumer
+        header = self._header
+        hview = memoryview(header)
+        unpack = proto.REQUEST.unpack
+        reply = proto.SIMPLE_REPLY.pack
+        size = export.size
+        while True:
+            await self._recv_into(hview, boundary=True)
+            magic, flags, cmd, cookie, offset, length = unpack(header)
+            if magic != proto.REQUEST_MAGIC:
+                raise NbdProtocolError(f"request magic {magic:#x}", export.name)
+            self.requests += 1
+            if cmd == Cmd.WRITE:
+                if length > self._max_request:
+                    raise NbdProtocolError(
+                        f"WRITE of {length} bytes exceeds the advertised maximum "
+                        f"{self._max_request}", export.name)
+                if len(self._buffer) < length:
+                    self._buffer = bytearray(length)
+                data = memoryview(self._buffer)[:length]
+                await self._recv_into(data)
+                if flags & ~_WRITE_FLAGS:
+                    error = Errno.EINVAL
+                elif offset + length > size:
+                    error = Errno.ENOSPC
+                else:
+                    error = await self._call(consumer.write(offset, data), export.name, "WRITE")
+                    if not error and flags & CmdFlag.FUA:
+                        error = await self._call(consumer.flush(), export.name, "FLUSH")
+            elif cmd == Cmd.WRITE_ZEROES:
+                if flags & ~_ZERO_FLAGS:
+                    error = Errno.EINVAL
+                elif flags & CmdFlag.FAST_ZERO:
+                    error = Errno.ENOTSUP
+                elif offset + length > size:
+                    error = Errno.ENOSPC
+                else:
+                    error = await self._call(
+                        consumer.write_zeroes(offset, length), export.name, "WRITE_ZEROES")
+                    if not error and flags & CmdFlag.FUA:
+                        error = await self._call(consumer.flush(), export.name, "FLUSH")
+            elif cmd == Cmd.TRIM:
+                if offset + length > size:
+                    error = Errno.EINVAL
+                else:
+                    error = await self._call(consumer.trim(offset, length), export.name, "TRIM")
+                    if not error and flags & CmdFlag.FUA:
+                        error = await self._call(consumer.flush(), export.name, "FLUSH")
+            elif cmd == Cmd.FLUSH:
+                error = await self._call(consumer.flush(), export.name, "FLUSH")
+            elif cmd == Cmd.DISC:
+                log.debug("%s: NBD_CMD_DISC after %d requests", self._label, self.requests)
+                return
+            else:  # READ (write-only export), CACHE, BLOCK_STATUS, RESIZE, unknown
+                log.debug("%s: refusing command %d with EINVAL", self._label, cmd)
+                error = Errno.EINVAL
+            await self._loop.sock_sendall(self._sock, reply(proto.SIMPLE_REPLY_MAGIC, error, cookie))
+
+    async def _call(self, call: Awaitable[None], export: str, what: str) -> Errno:
+        """Await one consumer coroutine; an exception becomes EIO plus a recorded failure."""
+        try:
+            await call
+        except QmpBackupError as err:  # e.g. the assembler's PointInTimeError: report it as is
+            self._fail(err)
+            return Errno.EIO
+        except Exception as err:  # a consumer bug must fail the backup, not the server
+            failure = NbdConsumerError(f"{what} failed: {err!r}", export)
+            failure.__cause__ = err
+            self._fail(failure)
+            return Errno.EIO
+        return Errno.OK
+
+
+def _opt_name(option: int) -> str:
+    try:
+        return Opt(option).name
+    except ValueError:
+        return str(option)
+
+
+def _parse_info_request(data: bytes) -> tuple[str, list[int]] | None:
+    """Split NBD_OPT_INFO/GO data into the export name and the info types asked for."""
+    if len(data) < 6:
+        return None
+    (name_len,) = proto.U32.unpack_from(data, 0)
+    if 4 + name_len + 2 > len(data):
+        return None
+    try:
+        name = data[4:4 + name_len].decode()
+    except UnicodeDecodeError:
+        return None
+    (count,) = proto.U16.unpack_from(data, 4 + name_len)
+    rest = data[4 + name_len + 2:]
+    if len(rest) != 2 * count:
+        return None
+    return name, [proto.U16.unpack_from(rest, 2 * i)[0] for i in range(count)]
