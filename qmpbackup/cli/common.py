@@ -72,3 +72,32 @@ def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def print_json_line(value: Any) -> None:
+    """One JSON object on one line, for tools that read a stream of results."""
+    sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dumpdir DIR | --storage ID``, shared by the commands that work on a dump directory."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--dumpdir", metavar="DIR", help="the dump directory (default: from vzdump.conf)")
+    group.add_argument("--storage", metavar="ID", help="a storage from storage.cfg; backups are in <path>/dump")
+
+
+def target_options(args: argparse.Namespace) -> dict[str, str]:
+    """The vzdump options the target arguments set (only those given)."""
+    options = {}
+    if getattr(args, "dumpdir", None):
+        options["dumpdir"] = args.dumpdir
+    if getattr(args, "storage", None):
+        options["storage"] = args.storage
+    return options
+
+
+def vmid_arg(text: str) -> int:
+    if not text.isdigit() or not 100 <= int(text) <= 999_999_999:
+        raise argparse.ArgumentTypeError(f"invalid VM ID {text!r} (100..999999999)")
+    return int(text)

@@ -6,8 +6,14 @@ import argparse
 import time
 from typing import Any
 
-from qmpbackup.cli.common import Context, add_output_format, print_json
-from qmpbackup.cli.prune_cmd import add_target_arguments, target_options, vmid_arg
+from qmpbackup.cli.common import (
+    Context,
+    add_output_format,
+    add_target_arguments,
+    print_json,
+    target_options,
+    vmid_arg,
+)
 from qmpbackup.jobs.target import resolve_target
 from qmpbackup.render import render_bytes
 from qmpbackup.store.dumpdir import list_backups

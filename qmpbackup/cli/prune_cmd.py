@@ -7,35 +7,19 @@ import logging
 import time
 from typing import Any
 
-from qmpbackup.cli.common import Context, add_output_format, print_json
+from qmpbackup.cli.common import (
+    Context,
+    add_output_format,
+    add_target_arguments,
+    print_json,
+    target_options,
+    vmid_arg,
+)
 from qmpbackup.jobs.target import resolve_target
 from qmpbackup.store.dumpdir import apply_prune, plan_prune
 from qmpbackup.store.prune import Mark, counts
 
 log = logging.getLogger(__name__)
-
-
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--dumpdir DIR | --storage ID``, shared by the commands that work on a dump directory."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--dumpdir", metavar="DIR", help="the dump directory (default: from vzdump.conf)")
-    group.add_argument("--storage", metavar="ID", help="a storage from storage.cfg; backups are in <path>/dump")
-
-
-def target_options(args: argparse.Namespace) -> dict[str, str]:
-    """The vzdump options the target arguments set (only those given)."""
-    options = {}
-    if getattr(args, "dumpdir", None):
-        options["dumpdir"] = args.dumpdir
-    if getattr(args, "storage", None):
-        options["storage"] = args.storage
-    return options
-
-
-def vmid_arg(text: str) -> int:
-    if not text.isdigit() or not 100 <= int(text) <= 999_999_999:
-        raise argparse.ArgumentTypeError(f"invalid VM ID {text!r} (100..999999999)")
-    return int(text)
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:

@@ -1,0 +1,107 @@
+"""Our end of the data path: NBD exports → cluster assemblers → VMA writer → compressor → file.
+
+QEMU's backup jobs write each drive into its own export on our NBD endpoint;
+every export feeds a :class:`ClusterAssembler`, and all of them feed one
+:class:`VmaWriter`, whose bytes go through the compressor into the ``.dat``
+file. Nothing here knows about QMP.
+
+Durability: the archive is complete only when every export has been flushed
+and disconnected (QEMU sends FLUSH and DISC when its target node is deleted),
+every assembler has emitted its last clusters, the writer and the compressor
+are closed, and the file is fsynced and renamed (:mod:`qmpbackup.atomic_file`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from qmpbackup.backup.assembler import ClusterAssembler
+from qmpbackup.compress import Compression, CompressOptions, Compressor, open_compressor
+from qmpbackup.nbd.export import Export
+from qmpbackup.nbd.server import NbdServer
+from qmpbackup.vma import VmaWriter
+
+log = logging.getLogger(__name__)
+
+#: How long QEMU may take to flush and disconnect a deleted target node.
+DISCONNECT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One device of the archive: its VMA name, size in bytes and NBD export name."""
+
+    devname: str
+    size: int
+    export: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataStats:
+    received: int  # bytes QEMU sent (data and zero ranges)
+    zero: int  # bytes that were zero (write-zeroes or all-zero data)
+    written: int  # bytes of archive before compression
+
+
+class _CountingSink:
+    """Counts what the VMA writer produces before it reaches the compressor."""
+
+    def __init__(self, inner: Compressor) -> None:
+        self.inner = inner
+        self.count = 0
+
+    def write(self, data: bytes | memoryview, /) -> None:
+        self.count += len(data)
+        self.inner.write(data)
+
+
+class ArchiveDataPath:
+    """One archive's receiving side. Use :meth:`open`, serve, then :meth:`finish` or :meth:`abort`."""
+
+    def __init__(self, out: BinaryIO, compression: Compression, options: CompressOptions,
+                 configs: Sequence[tuple[str, bytes]], devices: Sequence[DeviceSpec],
+                 socket: Path, name: str) -> None:
+        self._compressor = open_compressor(out, compression, options)
+        self._sink = _CountingSink(self._compressor)
+        self.writer = VmaWriter(self._sink)
+        for config_name, data in configs:
+            self.writer.add_config(config_name, data)
+        self.assemblers: dict[str, ClusterAssembler] = {}
+        exports = []
+        for dev in devices:
+            dev_id = self.writer.add_device(dev.devname, dev.size)
+            assembler = ClusterAssembler(self.writer, dev_id, dev.size, name=dev.devname)
+            self.assemblers[dev.export] = assembler
+            exports.append(Export(dev.export, dev.size, assembler))
+        self.server = NbdServer(socket, exports, name=f"nbd-{name}")
+
+    @property
+    def uuid(self) -> str:
+        return str(self.writer.uuid)
+
+    def stats(self) -> DataStats:
+        received = sum(a.stats.bytes_received for a in self.assemblers.values())
+        zero = sum(a.stats.zero_bytes for a in self.assemblers.values())
+        return DataStats(received=received, zero=zero, written=self._sink.count)
+
+    async def finish(self) -> None:
+        """After QEMU deleted its target nodes: wait for the disconnects, emit the rest, close."""
+        for export in self.assemblers:
+            await self.server.wait_disconnected(export, DISCONNECT_TIMEOUT_S)
+        self.server.check()
+        await self.server.close()
+        for assembler in self.assemblers.values():
+            assembler.finish()
+        self.writer.close()
+        self._compressor.close()
+
+    async def abort(self) -> None:
+        """Stop serving and kill the compressor; the caller removes the file."""
+        try:
+            await self.server.close()
+        finally:
+            self._compressor.abort()

@@ -1,0 +1,375 @@
+"""One guest's backup, in vzdump's order, with vzdump's log lines.
+
+The order (anchors.md B.3/B.4): status → include/exclude lines → the archive's
+``qemu-server.conf`` → open the archive and our NBD endpoint → NBD target
+nodes in QEMU → freeze (snapshot mode, agent configured and answering) → all
+drive jobs started in one ``transaction`` → thaw at once → resume (suspend
+mode) → progress until every job concluded → targets deleted (QEMU flushes
+and disconnects) → archive closed, fsynced, renamed → notes, protection,
+prune.
+
+Cleanup does not depend on the way out: everything we create in QEMU is in
+the journal and is undone in reverse order in ``finally`` (and by the next run
+after a SIGKILL); the freeze window always thaws; a VM we paused is resumed; a
+QEMU we spawned is stopped; the ``.dat`` file is removed unless it was
+published under its final name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from qmpbackup.atomic_file import atomic_output
+from qmpbackup.backup.archive_config import DiskMap, assemble, vma_device_name
+from qmpbackup.backup.blockjobs import (
+    DriveJob,
+    JobProgress,
+    attach_targets,
+    detach_targets,
+    plan_jobs,
+    run_jobs,
+    undo_steps,
+)
+from qmpbackup.backup.datapath import ArchiveDataPath, DeviceSpec
+from qmpbackup.backup.progress import Progress, closing_lines
+from qmpbackup.backup.tasklog import TaskLog
+from qmpbackup.compress import Compression, CompressOptions
+from qmpbackup.errors import QmpBackupError, UsageError
+from qmpbackup.guest_agent.client import GuestAgentClient
+from qmpbackup.guest_agent.freeze import frozen_window
+from qmpbackup.guest_config import GuestDefinition, format_size, guest_from_running
+from qmpbackup.jobs.vzdump_conf import VzdumpOptions
+from qmpbackup.journal import Entry, Journal, unwind
+from qmpbackup.qemu.capabilities import probe
+from qmpbackup.qemu.discovery import Disk, discover_disks
+from qmpbackup.qemu.session import QmpSession
+from qmpbackup.qemu.spawn import SpawnedQemu
+from qmpbackup.render import render_hms, render_size_decimal
+from qmpbackup.store.dumpdir import prune_after_backup
+from qmpbackup.store.names import archive_name, log_name, temp_name
+from qmpbackup.store.notes import render_notes, write_notes
+from qmpbackup.store.protection import protect
+
+log = logging.getLogger(__name__)
+
+KIND_PAUSE = "pause"
+#: Seconds between progress lines (vzdump: when the percentage changed and > 2 s passed).
+PROGRESS_INTERVAL_S = 3.0
+
+
+class BackupError(QmpBackupError):
+    """A guest's backup failed for a reason of its own (not a QEMU or format error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRequest:
+    """Everything one guest's backup needs, resolved and typed (no argparse below here)."""
+
+    vmid: int
+    options: VzdumpOptions
+    dump_dir: Path
+    storeid: str | None
+    definition: GuestDefinition | None
+    qmp: Path | None = None
+    qga: Path | None = None
+    state_dir: Path = Path("/var/lib/qmpbackup")
+    stdout: BinaryIO | None = None
+    node: str = field(default_factory=lambda: os.uname().nodename)
+
+
+@dataclass(slots=True)
+class GuestResult:
+    """One guest's outcome, as ``--output-format json`` prints it."""
+
+    vmid: int
+    status: str = "error"
+    archive: str | None = None
+    archive_size: int | None = None
+    log: str | None = None
+    duration_s: float = 0.0
+    bytes_read: int = 0
+    zero_bytes: int = 0
+    written_bytes: int = 0
+    freeze_window_s: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _compression(options: VzdumpOptions) -> Compression:
+    return Compression(options.compress)
+
+
+def compress_options(options: VzdumpOptions) -> CompressOptions:
+    return CompressOptions(zstd_threads=options.zstd_threads, pigz=options.pigz_threads,
+                           ionice=options.ionice)
+
+
+async def backup_guest(req: GuestRequest) -> GuestResult:
+    """Back up one guest; failures become the result's error (the other guests still run).
+
+    Cancellation (a signal) propagates after cleanup, so the whole job stops.
+    """
+    started = time.time()
+    when = datetime.fromtimestamp(started)
+    compression = _compression(req.options)
+    archive = req.dump_dir / archive_name(req.vmid, when, compression.extension)
+    result = GuestResult(req.vmid)
+    if req.stdout is None and (archive.exists() or temp_name(archive).exists()):
+        # Another backup of this VM started in the same second: its files are not ours to touch.
+        result.error = f"{archive} (or its .dat) already exists; not overwriting it"
+        logging.getLogger("qmpbackup.task").error(f"Backup of VM {req.vmid} failed - {result.error}")
+        return result
+    log_path = None if req.stdout is not None else log_name(archive)
+    if log_path is not None:
+        req.dump_dir.mkdir(parents=True, exist_ok=True)
+        result.log = str(log_path)
+    tasklog = TaskLog(log_path)
+    try:
+        tasklog.info(f"Starting Backup of VM {req.vmid} (qemu)")
+        tasklog.info(f"Backup started at {when:%Y-%m-%d %H:%M:%S}")
+        try:
+            await _backup(req, archive, compression, tasklog, result)
+        except asyncio.CancelledError:
+            tasklog.error(f"Backup of VM {req.vmid} failed - interrupted by signal")
+            raise
+        except QmpBackupError as exc:
+            result.error = str(exc)
+            tasklog.error(f"Backup of VM {req.vmid} failed - {exc}")
+            tasklog.info(f"Failed at {datetime.now():%Y-%m-%d %H:%M:%S}")
+        else:
+            result.status = "ok"
+            tasklog.info(f"Finished Backup of VM {req.vmid} ({render_hms(time.time() - started)})")
+            tasklog.info(f"Backup finished at {datetime.now():%Y-%m-%d %H:%M:%S}")
+    finally:
+        result.duration_s = round(time.time() - started, 3)
+        result.warnings = list(tasklog.warnings)
+        tasklog.close()
+    return result
+
+
+@contextlib.asynccontextmanager
+async def _qemu_for(req: GuestRequest, tasklog: TaskLog) -> AsyncIterator[tuple[QmpSession, bool]]:
+    """A QMP session to the VM, and whether the VM was running (else a paused QEMU we spawned)."""
+    qmp = req.qmp or (req.definition.reach.qmp if req.definition else None)
+    if qmp is not None and qmp.exists():
+        async with QmpSession(str(req.vmid), qmp) as session:
+            yield session, True
+        return
+    if req.definition is None:
+        raise UsageError(f"VM {req.vmid}: QMP socket {qmp} does not exist and the VM has no guest definition")
+    tasklog.info("status = stopped")
+    tasklog.info("starting kvm to execute backup task")
+    async with SpawnedQemu(req.definition, state_dir=req.state_dir) as spawned:
+        async with QmpSession(str(req.vmid), spawned.qmp_path) as session:
+            yield session, False
+        tasklog.info("stopping kvm after backup task")
+
+
+async def _backup(req: GuestRequest, archive: Path, compression: Compression, tasklog: TaskLog,
+                  result: GuestResult) -> None:
+    opts = req.options
+    async with contextlib.AsyncExitStack() as stack:
+        session, running = await stack.enter_async_context(_qemu_for(req, tasklog))
+        status = (await session.execute("query-status"))["status"] if running else "prelaunch"
+        user_paused = status in ("paused", "prelaunch") and running
+        if running:
+            tasklog.info("status = running")
+
+        journal = Journal.open(req.state_dir / "journal" / f"{req.vmid}.jsonl")
+        stack.callback(journal.close)
+        handlers = {**undo_steps(session), KIND_PAUSE: _undo_pause(session)}
+        if journal.pending():
+            tasklog.warn("cleaning up what an earlier run of this VM left behind")
+            for failure in await unwind(journal, handlers):
+                tasklog.warn(failure)
+        stack.push_async_callback(_final_unwind, journal, handlers, tasklog)
+
+        caps = await probe(session)
+        disks = await discover_disks(session, str(req.vmid))
+        definition = req.definition or guest_from_running(
+            req.vmid, req.qmp or Path(), req.qga, disks)
+        if definition.name:
+            tasklog.info(f"VM Name: {definition.name}")
+        chosen = _select_disks(definition, disks, tasklog)
+
+        mode = opts.mode if running else "stop"
+        tasklog.info(f"backup mode: {mode}")
+        if opts.bwlimit_kib:
+            tasklog.info(f"bandwidth limit: {opts.bwlimit_kib} KiB/s")
+        tasklog.info(f"ionice priority: {opts.ionice}")
+
+        maps = [DiskMap(d.key, vma_device_name(d.key), "", d.format) for d in chosen]
+        configs = [("qemu-server.conf", assemble(definition.proxmox_text, maps))]
+        target_text = "-" if req.stdout is not None else str(archive)
+        tasklog.info(f"creating vzdump archive '{target_text}'")
+
+        rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{req.vmid}-"))
+        stack.callback(shutil.rmtree, rundir, True)
+        jobs = plan_jobs(req.vmid, [(d.key, d.top_node, d.size) for d in chosen])
+        devices = [DeviceSpec(vma_device_name(j.key), j.size, j.export) for j in jobs]
+
+        output = (contextlib.nullcontext(req.stdout) if req.stdout is not None
+                  else atomic_output(archive, temp_name(archive)))
+        with output as out:
+            datapath = ArchiveDataPath(out, compression, compress_options(opts), configs, devices,
+                                       rundir / "nbd.sock", str(req.vmid))
+            try:
+                await datapath.server.start()
+                await attach_targets(session, journal, jobs, datapath.server.path, caps)
+                started = time.monotonic()
+                progress = Progress(total_bytes=sum(j.size for j in jobs), started=started,
+                                    interval_s=PROGRESS_INTERVAL_S)
+
+                def on_progress(_: JobProgress) -> None:
+                    stats = datapath.stats()
+                    line = progress.line(time.monotonic(), stats.received, stats.zero)
+                    if line:
+                        tasklog.info(line)
+
+                window = _start_window(req, definition, session, journal, tasklog, mode, status,
+                                       user_paused, result)
+                await run_jobs(session, journal, jobs, caps,
+                               limit_bps=opts.bwlimit_kib * 1024,
+                               max_workers=opts.performance.max_workers,
+                               start_window=window,
+                               failure=datapath.server.wait_failure,
+                               on_progress=on_progress)
+                await detach_targets(session, journal, jobs)
+                await datapath.finish()
+                stats = datapath.stats()
+                if jobs:
+                    tasklog.info(progress.line(time.monotonic(), stats.received, stats.zero, force=True) or "")
+            except BaseException:
+                await datapath.abort()
+                raise
+            elapsed = time.monotonic() - started
+        stats = datapath.stats()
+        result.bytes_read, result.zero_bytes = stats.received, stats.zero
+        result.written_bytes = stats.written
+        for line in closing_lines(sum(j.size for j in jobs), stats.zero, elapsed):
+            tasklog.info(line)
+    if req.stdout is None:
+        result.archive = str(archive)
+        result.archive_size = archive.stat().st_size
+        tasklog.info(f"archive file size: {render_size_decimal(result.archive_size)}")
+        _after_archive(req, archive, definition, tasklog)
+
+
+def _select_disks(definition: GuestDefinition, disks: tuple[Disk, ...], tasklog: TaskLog) -> list[Disk]:
+    """vzdump's include/exclude lines; ``backup=0`` drives are left out."""
+    chosen = []
+    for disk in sorted(disks, key=lambda d: d.key):
+        drive = definition.drive(disk.key)
+        if drive is not None and not drive.backup:
+            tasklog.info(f"exclude disk '{disk.key}' '{disk.filename}' (backup=no)")
+            continue
+        tasklog.info(f"include disk '{disk.key}' '{disk.filename}' {format_size(disk.size)}")
+        chosen.append(disk)
+    return chosen
+
+
+def _start_window(req: GuestRequest, definition: GuestDefinition, session: QmpSession, journal: Journal,
+                  tasklog: TaskLog, mode: str, status: str, user_paused: bool,
+                  result: GuestResult) -> Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]:
+    """The moment the jobs start: frozen (snapshot), or paused (suspend), and nothing else."""
+
+    async def window(start: Callable[[], Awaitable[None]]) -> None:
+        pause: Entry | None = None
+        if mode == "suspend" and status == "running":
+            tasklog.info("suspending guest")
+            pause = journal.record(KIND_PAUSE)
+            await session.execute("stop")
+        paused_at = time.monotonic()
+        qga = req.qga or definition.reach.qga
+        wants_freeze = mode == "snapshot" and status == "running" and not user_paused
+        if wants_freeze and not (definition.agent.enabled and definition.agent.freeze_fs and qga):
+            if definition.agent.enabled and not definition.agent.freeze_fs:
+                tasklog.info("skipping guest filesystem freeze - disabled in VM options")
+            wants_freeze = False
+        if wants_freeze and qga is not None:
+            agent = GuestAgentClient(str(qga), name=f"VM {req.vmid}")
+            try:
+                async with frozen_window(agent) as outcome:
+                    if outcome.frozen:
+                        tasklog.info("issuing guest-agent 'fs-freeze' command")
+                    elif outcome.skipped:
+                        tasklog.warn(f"skipping guest filesystem freeze - {outcome.skipped}")
+                    elif outcome.error:
+                        tasklog.error(f"guest filesystem freeze failed - {outcome.error}")
+                    tasklog.info("starting backup via QMP command")
+                    await start()
+                    if outcome.frozen:
+                        tasklog.info("issuing guest-agent 'fs-thaw' command")
+            finally:
+                await agent.close()
+            result.freeze_window_s = outcome.frozen_for_s
+            if outcome.frozen_for_s is not None:
+                tasklog.info(f"guest filesystems were frozen for {outcome.frozen_for_s:.3f} s")
+        else:
+            tasklog.info("starting backup via QMP command")
+            await start()
+        tasklog.info("started backup task")
+        if pause is not None:
+            tasklog.info(f"resuming VM again after {int(time.monotonic() - paused_at)} seconds")
+            await session.execute("cont")
+            journal.resolve(pause)
+
+    return window
+
+
+def _undo_pause(session: QmpSession) -> Callable[[Entry], Awaitable[None]]:
+    async def undo(entry: Entry) -> None:
+        status = (await session.execute("query-status"))["status"]
+        if status == "paused":
+            await session.execute("cont")
+
+    return undo
+
+
+async def _final_unwind(journal: Journal, handlers: dict[str, Callable[[Entry], Awaitable[None]]],
+                        tasklog: TaskLog) -> None:
+    """Undo whatever is still recorded; runs shielded so a second signal cannot cut it short."""
+    if not journal.pending():
+        return
+    task = asyncio.ensure_future(unwind(journal, handlers))
+    try:
+        failures = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        failures = await task
+        for failure in failures:
+            tasklog.warn(failure)
+        raise
+    for failure in failures:
+        tasklog.warn(failure)
+
+
+def _after_archive(req: GuestRequest, archive: Path, definition: GuestDefinition, tasklog: TaskLog) -> None:
+    """Notes, protection and prune: vzdump's steps 14 and 15."""
+    opts = req.options
+    if opts.notes_template:
+        tasklog.info("adding notes to backup")
+        try:
+            text = render_notes(opts.notes_template, cluster=req.node, guestname=definition.name or "",
+                                node=req.node, vmid=req.vmid)
+            write_notes(archive, text)
+        except QmpBackupError as exc:
+            tasklog.warn(f"unable to add notes - {exc}")
+    if opts.protected:
+        tasklog.info("marking backup as protected")
+        protect(archive)
+    if opts.remove and req.stdout is None:
+        prune_after_backup(req.dump_dir, req.vmid, opts.effective_prune, tasklog.info, req.storeid)
