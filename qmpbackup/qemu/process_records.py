@@ -1,0 +1,151 @@
+"""Records of the QEMU processes we spawned, so that none outlives us.
+
+Each spawned QEMU gets a small JSON file in a state directory (``/run/qmpbackup/spawned``
+by default) naming its pid and start time and ours. Normally the spawner deletes the
+record when it stops QEMU. If we were killed with SIGKILL, nothing ran: the next run
+calls :func:`kill_orphans`, which kills every recorded QEMU whose owner is gone —
+after checking that the pid still belongs to the same process (its create time), so a
+recycled pid is never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+#: A pid's create time as psutil computes it is stable to the clock tick; allow a little.
+CREATE_TIME_SLACK_S = 0.05
+
+
+def default_state_dir() -> Path:
+    """``/run/qmpbackup`` for root, else ``$XDG_RUNTIME_DIR/qmpbackup`` (or /tmp)."""
+    if os.geteuid() == 0:
+        return Path("/run/qmpbackup")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/qmpbackup-{os.geteuid()}"
+    return Path(base) / "qmpbackup"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """One spawned QEMU: its identity and its owner's."""
+
+    vmid: int
+    pid: int
+    create_time: float
+    owner_pid: int
+    owner_create_time: float
+    rundir: str
+
+    @property
+    def file_name(self) -> str:
+        return f"qemu-{self.vmid}-{self.pid}.json"
+
+
+def records_dir(state_dir: Path) -> Path:
+    return state_dir / "spawned"
+
+
+def process_create_time(pid: int) -> float | None:
+    """The start time of ``pid``, or None if there is no such (live) process."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def _same_process(pid: int, create_time: float) -> bool:
+    now = process_create_time(pid)
+    return now is not None and abs(now - create_time) <= CREATE_TIME_SLACK_S
+
+
+def write_record(state_dir: Path, record: ProcessRecord) -> Path:
+    """Store ``record`` atomically (write, fsync, rename) in a 0700 directory."""
+    directory = records_dir(state_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / record.file_name
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(asdict(record), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def remove_record(state_dir: Path, record: ProcessRecord) -> None:
+    try:
+        (records_dir(state_dir) / record.file_name).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def read_records(state_dir: Path) -> list[ProcessRecord]:
+    """Every readable record; unreadable ones are logged and deleted."""
+    out: list[ProcessRecord] = []
+    directory = records_dir(state_dir)
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("qemu-*.json")):
+        try:
+            out.append(ProcessRecord(**json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("dropping unreadable spawn record %s: %s", path, e)
+            path.unlink(missing_ok=True)
+    return out
+
+
+def kill_orphans(state_dir: Path, timeout_s: float = 10.0) -> list[ProcessRecord]:
+    """Kill every recorded QEMU whose owner process is gone; return what was cleaned up.
+
+    Records of live owners (another run of ours) are left alone. A record whose QEMU
+    is already gone (or whose pid now belongs to another process) is only deleted.
+    """
+    cleaned: list[ProcessRecord] = []
+    for rec in read_records(state_dir):
+        if _same_process(rec.owner_pid, rec.owner_create_time):
+            continue
+        if _same_process(rec.pid, rec.create_time):
+            log.warning("killing QEMU pid %d of VM %d left behind by run pid %d", rec.pid, rec.vmid, rec.owner_pid)
+            if not kill_and_wait(rec.pid, timeout_s):
+                log.error("QEMU pid %d of VM %d did not die within %g s", rec.pid, rec.vmid, timeout_s)
+                continue
+        remove_rundir(Path(rec.rundir))
+        remove_record(state_dir, rec)
+        cleaned.append(rec)
+    return cleaned
+
+
+def kill_and_wait(pid: int, timeout_s: float) -> bool:
+    """SIGKILL ``pid`` (not our child) and wait until it is gone or a zombie."""
+    try:
+        proc = psutil.Process(pid)
+        proc.kill()
+    except psutil.NoSuchProcess:
+        return True
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def remove_rundir(rundir: Path) -> None:
+    """Delete one of our private runtime dirs (only if it looks like ours)."""
+    if rundir.name.startswith("qmpbackup-") and rundir.is_dir():
+        shutil.rmtree(rundir, ignore_errors=True)
