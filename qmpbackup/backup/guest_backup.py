@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,14 +42,17 @@ from qmpbackup.backup.blockjobs import (
     run_jobs,
     undo_steps,
 )
+from qmpbackup.backup import incremental
 from qmpbackup.backup.datapath import ArchiveDataPath, DeviceSpec
 from qmpbackup.backup.progress import Progress, closing_lines
+from qmpbackup.backup.synthetic import complete_from_previous
 from qmpbackup.backup.tasklog import TaskLog
 from qmpbackup.compress import Compression, CompressOptions
 from qmpbackup.errors import QmpBackupError, UsageError
 from qmpbackup.guest_agent.client import GuestAgentClient
 from qmpbackup.guest_agent.freeze import frozen_window
 from qmpbackup.guest_config import GuestDefinition, format_size, guest_from_running
+from qmpbackup.jobs.hooks import GuestInfo, HookRunner
 from qmpbackup.jobs.vzdump_conf import VzdumpOptions
 from qmpbackup.journal import Entry, Journal, unwind
 from qmpbackup.qemu.capabilities import probe
@@ -85,6 +89,7 @@ class GuestRequest:
     qga: Path | None = None
     state_dir: Path = Path("/var/lib/qmpbackup")
     stdout: BinaryIO | None = None
+    hooks: HookRunner | None = None
     node: str = field(default_factory=lambda: os.uname().nodename)
 
 
@@ -99,6 +104,7 @@ class GuestResult:
     log: str | None = None
     duration_s: float = 0.0
     bytes_read: int = 0
+    bytes_reused: int = 0  # taken from the previous archive (incremental runs)
     zero_bytes: int = 0
     written_bytes: int = 0
     freeze_window_s: float | None = None
@@ -138,18 +144,29 @@ async def backup_guest(req: GuestRequest) -> GuestResult:
         req.dump_dir.mkdir(parents=True, exist_ok=True)
         result.log = str(log_path)
     tasklog = TaskLog(log_path)
+    guest = GuestInfo(vmid=req.vmid, mode=req.options.mode,
+                      hostname=req.definition.name if req.definition else None,
+                      target="-" if req.stdout is not None else archive, logfile=log_path)
+
+    async def hook(phase: str) -> None:
+        if req.hooks is not None:
+            await req.hooks.guest_phase(phase, guest)
+
     try:
         tasklog.info(f"Starting Backup of VM {req.vmid} (qemu)")
         tasklog.info(f"Backup started at {when:%Y-%m-%d %H:%M:%S}")
         try:
-            await _backup(req, archive, compression, tasklog, result)
+            await _backup(req, archive, compression, tasklog, result, hook)
+            await hook("backup-end")
         except asyncio.CancelledError:
             tasklog.error(f"Backup of VM {req.vmid} failed - interrupted by signal")
+            await _quietly(hook("backup-abort"), tasklog)
             raise
         except QmpBackupError as exc:
             result.error = str(exc)
             tasklog.error(f"Backup of VM {req.vmid} failed - {exc}")
             tasklog.info(f"Failed at {datetime.now():%Y-%m-%d %H:%M:%S}")
+            await _quietly(hook("backup-abort"), tasklog)
         else:
             result.status = "ok"
             tasklog.info(f"Finished Backup of VM {req.vmid} ({render_hms(time.time() - started)})")
@@ -158,32 +175,148 @@ async def backup_guest(req: GuestRequest) -> GuestResult:
         result.duration_s = round(time.time() - started, 3)
         result.warnings = list(tasklog.warnings)
         tasklog.close()
+    await _quietly(hook("log-end"), None)
     return result
 
 
+async def _quietly(step: Awaitable[None], tasklog: TaskLog | None) -> None:
+    """Hooks on the way out only warn: the first error stays the one reported."""
+    try:
+        await step
+    except QmpBackupError as exc:
+        if tasklog is not None:
+            tasklog.warn(str(exc))
+        else:
+            log.warning("%s", exc)
+
+
+@dataclass(slots=True)
+class _Access:
+    """How this run reaches the VM's disks."""
+
+    session: QmpSession
+    running: bool  # the VM itself (not a QEMU we spawned)
+    stopped_by_us: bool = False  # stop mode shut the VM down (hooks backup-start/pre-stop ran)
+
+
 @contextlib.asynccontextmanager
-async def _qemu_for(req: GuestRequest, tasklog: TaskLog) -> AsyncIterator[tuple[QmpSession, bool]]:
-    """A QMP session to the VM, and whether the VM was running (else a paused QEMU we spawned)."""
+async def _qemu_for(req: GuestRequest, tasklog: TaskLog,
+                    hook: Callable[[str], Awaitable[None]]) -> AsyncIterator[_Access]:
+    """A QMP session to the VM, or to a paused QEMU we spawned for its disks.
+
+    Stop mode shuts a running VM down first and starts it again afterwards, also
+    when the backup failed (a VM must not stay down because its backup did).
+    """
     qmp = req.qmp or (req.definition.reach.qmp if req.definition else None)
-    if qmp is not None and qmp.exists():
+    running = qmp is not None and qmp.exists()
+    if running and req.options.mode != "stop":
+        assert qmp is not None
         async with QmpSession(str(req.vmid), qmp) as session:
-            yield session, True
+            yield _Access(session, True)
         return
-    if req.definition is None:
+    definition = req.definition
+    if definition is None:
         raise UsageError(f"VM {req.vmid}: QMP socket {qmp} does not exist and the VM has no guest definition")
-    tasklog.info("status = stopped")
-    tasklog.info("starting kvm to execute backup task")
-    async with SpawnedQemu(req.definition, state_dir=req.state_dir) as spawned:
-        async with QmpSession(str(req.vmid), spawned.qmp_path) as session:
-            yield session, False
-        tasklog.info("stopping kvm after backup task")
+    if running:
+        assert qmp is not None
+        if not definition.reach.start:
+            raise UsageError(f"VM {req.vmid}: stop mode needs a 'start' command in the [qmpbackup] section "
+                             "of its guest definition, to start the VM again")
+        tasklog.info("status = running")
+        await hook("backup-start")
+        await hook("pre-stop")
+        await _shut_down(req, definition, qmp, tasklog)
+    else:
+        tasklog.info("status = stopped")
+    stopped_at = time.monotonic()
+    failed = True
+    try:
+        tasklog.info("starting kvm to execute backup task")
+        async with SpawnedQemu(definition, state_dir=req.state_dir) as spawned:
+            async with QmpSession(str(req.vmid), spawned.qmp_path) as session:
+                yield _Access(session, False, stopped_by_us=running)
+            tasklog.info("stopping kvm after backup task")
+        failed = False
+    finally:
+        if running and not await _start_again(definition, tasklog, hook, stopped_at) and not failed:
+            raise BackupError(f"VM {req.vmid} was backed up but could not be started again")
+
+
+async def _shut_down(req: GuestRequest, definition: GuestDefinition, qmp: Path, tasklog: TaskLog) -> None:
+    """A clean shutdown through the agent (else ACPI), waiting up to ``stopwait`` minutes for QEMU to exit."""
+    limit = req.options.stopwait_min * 60
+    tasklog.info("stopping virtual guest")
+    async with QmpSession(str(req.vmid), qmp) as session:
+        qga = req.qga or definition.reach.qga
+        asked = False
+        if definition.agent.enabled and qga is not None:
+            try:
+                async with GuestAgentClient(str(qga), name=f"VM {req.vmid}") as agent:
+                    await agent.shutdown()
+                asked = True
+            except QmpBackupError as exc:
+                tasklog.warn(f"guest agent shutdown failed ({exc}), trying ACPI")
+        if not asked:
+            await session.execute("system_powerdown")
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    try:
+                        status = (await session.execute("query-status"))["status"]
+                    except QmpBackupError:
+                        break  # QEMU has gone away
+                    if status == "shutdown":  # started with -no-shutdown: ask it to leave
+                        with contextlib.suppress(QmpBackupError):
+                            await session.execute("quit")
+                        break
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            raise BackupError(f"VM {req.vmid} did not shut down within {req.options.stopwait_min} minutes") from None
+    # QEMU releases its image locks when it exits; its QMP socket goes with it.
+    async with asyncio.timeout(30):
+        while qmp.exists() and _accepts(qmp):
+            await asyncio.sleep(0.1)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(1)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+async def _start_again(definition: GuestDefinition, tasklog: TaskLog, hook: Callable[[str], Awaitable[None]],
+                       stopped_at: float) -> bool:
+    """Run the definition's start command; a failure is logged as an error and returns False."""
+    assert definition.reach.start
+    try:
+        await hook("pre-restart")
+        tasklog.info("restarting VM")
+        proc = await asyncio.create_subprocess_exec(
+            *definition.reach.start, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        async with asyncio.timeout(120):
+            out, _ = await proc.communicate()
+        tasklog.lines(logging.INFO, out.decode(errors="replace"))
+        if proc.returncode != 0:
+            raise BackupError(f"start command of VM {definition.vmid} failed with exit status {proc.returncode}")
+        tasklog.info(f"guest is online again after {int(time.monotonic() - stopped_at)} seconds")
+        await hook("post-restart")
+    except (QmpBackupError, OSError, TimeoutError) as exc:
+        tasklog.error(f"unable to start VM {definition.vmid} again: {exc}")
+        return False
+    return True
 
 
 async def _backup(req: GuestRequest, archive: Path, compression: Compression, tasklog: TaskLog,
-                  result: GuestResult) -> None:
+                  result: GuestResult, hook: Callable[[str], Awaitable[None]]) -> None:
     opts = req.options
     async with contextlib.AsyncExitStack() as stack:
-        session, running = await stack.enter_async_context(_qemu_for(req, tasklog))
+        access = await stack.enter_async_context(_qemu_for(req, tasklog, hook))
+        session, running = access.session, access.running
         status = (await session.execute("query-status"))["status"] if running else "prelaunch"
         user_paused = status in ("paused", "prelaunch") and running
         if running:
@@ -191,7 +324,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
 
         journal = Journal.open(req.state_dir / "journal" / f"{req.vmid}.jsonl")
         stack.callback(journal.close)
-        handlers = {**undo_steps(session), KIND_PAUSE: _undo_pause(session)}
+        handlers = {**undo_steps(session), **incremental.undo_steps(session), KIND_PAUSE: _undo_pause(session)}
         if journal.pending():
             tasklog.warn("cleaning up what an earlier run of this VM left behind")
             for failure in await unwind(journal, handlers):
@@ -212,6 +345,14 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
             tasklog.info(f"bandwidth limit: {opts.bwlimit_kib} KiB/s")
         tasklog.info(f"ionice priority: {opts.ionice}")
 
+        if not access.stopped_by_us:
+            await hook("backup-start")
+        if mode in ("snapshot", "suspend"):
+            await hook("pre-stop")
+        if mode == "snapshot":  # vzdump runs these before the freeze for QEMU in snapshot mode
+            await hook("pre-restart")
+            await hook("post-restart")
+
         maps = [DiskMap(d.key, vma_device_name(d.key), "", d.format) for d in chosen]
         configs = [("qemu-server.conf", assemble(definition.proxmox_text, maps))]
         target_text = "-" if req.stdout is not None else str(archive)
@@ -228,6 +369,13 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
             datapath = ArchiveDataPath(out, compression, compress_options(opts), configs, devices,
                                        rundir / "nbd.sock", str(req.vmid))
             try:
+                plan = await incremental.plan_incremental(
+                    session, req.vmid, jobs, dump_dir=req.dump_dir, enabled=opts.dirty_bitmap,
+                    new_uuid=datapath.uuid, to_stdout=req.stdout is not None,
+                    persistent_ok=caps.has_persistent_bitmaps)
+                for line in plan.log_lines():
+                    tasklog.info(line)
+                plan.record(journal)
                 await datapath.server.start()
                 await attach_targets(session, journal, jobs, datapath.server.path, caps)
                 started = time.monotonic()
@@ -247,8 +395,10 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
                                max_workers=opts.performance.max_workers,
                                start_window=window,
                                failure=datapath.server.wait_failure,
-                               on_progress=on_progress)
+                               on_progress=on_progress,
+                               extra=plan.job_args(), actions=plan.actions())
                 await detach_targets(session, journal, jobs)
+                reused = await complete_from_previous(plan, datapath, session)
                 await datapath.finish()
                 stats = datapath.stats()
                 if jobs:
@@ -260,8 +410,14 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
         stats = datapath.stats()
         result.bytes_read, result.zero_bytes = stats.received, stats.zero
         result.written_bytes = stats.written
+        result.bytes_reused = sum(reused.values())
+        received = {j.key: datapath.assemblers[j.export].stats.bytes_received for j in jobs}
+        for line in incremental.closing_lines(plan, received, reused):
+            tasklog.info(line)
         for line in closing_lines(sum(j.size for j in jobs), stats.zero, elapsed):
             tasklog.info(line)
+        for warning in await plan.commit(session, journal):
+            tasklog.warn(warning)
     if req.stdout is None:
         result.archive = str(archive)
         result.archive_size = archive.stat().st_size

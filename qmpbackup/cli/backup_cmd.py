@@ -22,7 +22,7 @@ from qmpbackup.cli.common import (
     target_options,
     vmid_arg,
 )
-from qmpbackup.errors import EXIT_FAILED, EXIT_OK, UsageError
+from qmpbackup.errors import EXIT_FAILED, EXIT_OK, QmpBackupError, UsageError
 from qmpbackup.guest_config import GuestDefinition, guest_path, load_guest
 from qmpbackup.jobs.hooks import HookRunner
 from qmpbackup.jobs.jobs_cfg import find_job, load_jobs_cfg
@@ -44,6 +44,7 @@ VZDUMP_FLAGS: tuple[tuple[str, str], ...] = (
     ("--ionice", "ionice"),
     ("--performance", "performance"),
     ("--fleecing", "fleecing"),
+    ("--dirty-bitmap", "dirty-bitmap"),
     ("--notes-template", "notes-template"),
     ("--protected", "protected"),
     ("--script", "script"),
@@ -109,6 +110,13 @@ def _guests(args: argparse.Namespace, ctx: Context, job_vmids: tuple[int, ...], 
     return vmids
 
 
+async def _quiet_job_abort(hooks: HookRunner) -> None:
+    try:
+        await hooks.job_phase("job-abort")
+    except QmpBackupError as exc:
+        log.warning("%s", exc)
+
+
 def _definition(ctx: Context, vmid: int, qmp: Path | None) -> GuestDefinition | None:
     if guest_path(ctx.config_dir, vmid).exists():
         return load_guest(ctx.config_dir, vmid)
@@ -134,6 +142,8 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     hooks = HookRunner(opts.script, storeid=target.storage.storeid if target.storage else None,
                        dumpdir=target.dump_dir, on_output=task.info) if opts.script else None
 
+    if hooks:
+        await hooks.job_phase("job-init", explicit_dumpdir=opts.dumpdir is not None)
     lock = HostLock(args.run_dir)
     if opts.lockwait_min:
         task.info(f"trying to get global lock - waiting... (up to {opts.lockwait_min} minutes)")
@@ -142,7 +152,11 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     try:
         task.info(f"starting new backup job: qmpbackup backup {' '.join(sys.argv[2:])}".rstrip())
         if hooks:
-            await hooks.job_phase("job-start")
+            try:
+                await hooks.job_phase("job-start")
+            except BaseException:
+                await _quiet_job_abort(hooks)
+                raise
         for vmid in vmids:
             request = GuestRequest(
                 vmid=vmid,
@@ -154,6 +168,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
                 qga=args.qga,
                 state_dir=args.state_dir,
                 stdout=sys.stdout.buffer if opts.stdout else None,
+                hooks=hooks,
             )
             results.append(await backup_guest(request))
         failed = [r for r in results if r.status != "ok"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qmpbackup.guest_agent import FreezeStatus
+
+from qmpbackup.guest_agent import FreezeStatus, GuestAgentError
 from tests.support.backup import BackupRun, extract, result_lines
 from tests.support.guest import (  # noqa: F401  (fixtures)
     GuestFactory,
@@ -44,7 +47,6 @@ def test_snapshot_mode_with_agent_freeze(qemu: QemuBinaries, guests: GuestFactor
 
     # The guest runs on, thawed.
     guest.wait_writer(above=guest.writer_seq())
-    import asyncio
 
     async def status() -> FreezeStatus:
         async with guest.agent() as agent:
@@ -57,3 +59,46 @@ def test_snapshot_mode_with_agent_freeze(qemu: QemuBinaries, guests: GuestFactor
     check = check_writer_image(disk, str(qemu.img))
     assert check.fsck_rc == 0, "the archived filesystem is clean"
     assert check.ok and check.seq >= seq_before, check
+
+
+def test_stop_mode_shuts_down_backs_up_and_starts_again(qemu: QemuBinaries, guests: GuestFactory, tmp_path: Path,
+                                                        isolated_config: Path) -> None:
+    import shlex
+    import subprocess
+    import time
+
+    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw"))
+    guest.wait_writer(above=2)
+    start = tmp_path / "start.sh"
+    start.write_text("#!/bin/sh\nsetsid " + shlex.join(guest.argv) + " </dev/null >/dev/null 2>&1 &\n")
+    start.chmod(0o755)
+    disk = guest.data_disk
+    (isolated_config / "guests").mkdir()
+    (isolated_config / "guests" / "100.conf").write_text(
+        f"name: stopme\nagent: 1\nvirtio0: {disk.path},format={disk.fmt}\n\n[qmpbackup]\n"
+        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    run = BackupRun(tmp_path)
+    try:
+        r = run.run("100", "--mode", "stop", "--stopwait", "1", timeout=170)
+        assert r.returncode == 0, r.stderr
+        assert "INFO: stopping virtual guest" in r.stderr and "guest is online again after" in r.stderr
+        assert guest.proc is not None and guest.proc.poll() is not None, "the original QEMU shut down"
+        deadline = time.monotonic() + 60
+        while not guest.qmp_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        async def ping() -> None:  # the VM is running again: its agent answers
+            async with asyncio.timeout(90):
+                while True:
+                    try:
+                        async with guest.agent() as agent:
+                            await agent.ping()
+                            return
+                    except GuestAgentError:
+                        await asyncio.sleep(0.5)
+
+        asyncio.run(ping())
+        [archive] = run.archives()
+        check = check_writer_image(extract(archive, tmp_path / "x")["drive-virtio0"], str(qemu.img))
+        assert check.fsck_rc == 0 and check.ok, check
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(guest.qmp_path)], check=False)

@@ -231,3 +231,30 @@ def test_qemu_killed_during_job_fails_cleanly(qemu: QemuBinaries, qemu_vm, tmp_p
     assert proc.returncode == 1, err
     assert "ERROR: Backup of VM 100 failed" in err and "Traceback" not in err
     assert not run.leftovers() and not run.archives()
+
+
+def test_hook_script_phases_and_environment(qemu: QemuBinaries, qemu_vm, tmp_path: Path) -> None:
+    disk = make_image(qemu.img, qemu.io, tmp_path / "d.raw", "raw", 2 * MiB, [(0x42, 0, MiB)])
+    vm = qemu_vm([_drive(disk, "scsi0", "scsi", "raw", "drive")])
+    record = tmp_path / "phases.txt"
+    script = tmp_path / "hook.sh"
+    script.write_text(f'#!/bin/sh\necho "$* TARGET=$TARGET DUMPDIR=$DUMPDIR" >> {record}\necho "hook says $1"\n')
+    script.chmod(0o755)
+    run = BackupRun(tmp_path)
+    r = run.run("100", "--qmp", str(vm.qmp_path), "--script", str(script))
+    assert r.returncode == 0, r.stderr
+    lines = record.read_text().splitlines()
+    phases = [line.split()[0] for line in lines]
+    assert phases == ["job-init", "job-start", "backup-start", "pre-stop", "pre-restart", "post-restart",
+                      "backup-end", "log-end", "job-end"]
+    [archive] = run.archives()
+    assert f"backup-end snapshot 100 TARGET={archive} DUMPDIR={run.dumpdir}" in lines
+    assert "INFO: hook says backup-start" in r.stderr
+
+    failing = tmp_path / "fail.sh"
+    failing.write_text('#!/bin/sh\n[ "$1" = backup-start ] && exit 3\nexit 0\n')
+    failing.chmod(0o755)
+    time.sleep(1.1)
+    r = run.run("100", "--qmp", str(vm.qmp_path), "--script", str(failing))
+    assert r.returncode == 1 and "backup-start" in r.stderr
+    assert len(run.archives()) == 1
