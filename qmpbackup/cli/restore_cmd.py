@@ -1,0 +1,59 @@
+"""``qmpbackup restore ARCHIVE|- VMID``: Proxmox's ``qmrestore`` for this agent's guests."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qmpbackup.cli.common import Context
+from qmpbackup.errors import UsageError
+from qmpbackup.guest_config import check_vmid
+from qmpbackup.restore import RestoreOptions, restore
+from qmpbackup.restore.malloc_tuning import keep_large_buffers
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "restore", parents=[common],
+        help="restore a VMA archive as VM images plus a guest definition (like qmrestore)",
+        description="Restore a VMA archive (any compression, or - for an uncompressed one on stdin) as the "
+        "guest VMID: one image per disk, then <config-dir>/guests/VMID.conf. Nothing is replaced "
+        "without --force, and a failed restore leaves nothing behind.",
+    )
+    p.add_argument("archive", metavar="ARCHIVE", help="archive file, or - to read from stdin")
+    p.add_argument("vmid", metavar="VMID", help="the VM id to restore as (100-999999999)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target-dir", metavar="DIR", type=Path, help="write the images into this existing directory")
+    where.add_argument("--storage", metavar="ID",
+                       help="write the images to <path>/images/VMID of this storage.cfg storage "
+                       "(default: the storage each disk's map line names, else 'local')")
+    p.add_argument("--format", dest="image_format", choices=("raw", "qcow2"),
+                   help="image format (default: the archive's, raw when unknown)")
+    p.add_argument("--bwlimit", type=int, default=0, metavar="KiB/s",
+                   help="read the archive at most this fast (0 = no limit)")
+    p.add_argument("--force", action="store_true", help="replace an existing guest definition and images")
+    p.add_argument("--unique", action="store_true", help="give the copy new MAC addresses and a new SMBIOS uuid")
+    p.add_argument("--start", action="store_true",
+                   help="start the VM afterwards with the 'start:' command of its definition")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    if args.bwlimit < 0:
+        raise UsageError("--bwlimit must be 0 (no limit) or a rate in KiB/s")
+    opts = RestoreOptions(
+        archive=args.archive,
+        vmid=check_vmid(args.vmid),
+        config_dir=ctx.config_dir,
+        target_dir=args.target_dir,
+        storage=args.storage,
+        image_format=args.image_format,
+        bwlimit_kib=args.bwlimit,
+        force=args.force,
+        unique=args.unique,
+        start=args.start,
+    )
+    keep_large_buffers()
+    restore(opts)
+    return 0
