@@ -1,0 +1,51 @@
+"""Open an archive for reading: a path or ``-`` (stdin), any compression, recognised by magic."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from qmpbackup.compress import open_decompressor
+from qmpbackup.errors import QmpBackupError, UsageError
+from qmpbackup.vma.reader import ByteSource
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def open_archive(path: str, *, read_to_end: bool = True) -> Iterator[ByteSource]:
+    """Yield a decompressed byte stream of ``path`` (``-`` = standard input).
+
+    With ``read_to_end=False`` the caller stops early on purpose (``list``,
+    ``config`` read only the header), so a decompressor that complains about
+    the unread rest (a broken pipe) is not an error.
+    """
+    raw: BinaryIO
+    if path == "-":
+        raw = sys.stdin.buffer
+    else:
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - closed in finally
+        except OSError as exc:
+            raise UsageError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
+    try:
+        decompressor = open_decompressor(raw)
+        try:
+            yield decompressor
+        except BaseException:
+            with contextlib.suppress(Exception):
+                decompressor.close()
+            raise
+        if read_to_end:
+            decompressor.close()
+        else:
+            try:
+                decompressor.close()
+            except QmpBackupError as exc:
+                log.debug("ignoring decompressor status after a partial read: %s", exc)
+    finally:
+        if raw is not sys.stdin.buffer:
+            raw.close()

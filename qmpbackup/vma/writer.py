@@ -1,0 +1,290 @@
+"""Streaming VMA writer that lays archives out the way Proxmox does (docs/format.md W1-W6).
+
+Clusters of any device arrive in any order. Each is zero-checked block by
+block, packed into a preallocated extent buffer, and the extent goes to the
+sink in one ``write()`` once 58 slots are used. Memory is one extent buffer
+plus a seen-cluster bitmap (1 bit per cluster).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import logging
+import time
+import uuid as uuid_module
+from dataclasses import dataclass
+from typing import Protocol
+
+from qmpbackup.errors import StateError
+from qmpbackup.vma import format as fmt
+from qmpbackup.vma.cluster_map import ClusterMap
+from qmpbackup.vma.errors import VmaError
+from qmpbackup.vma.header import encode_header, encode_name
+
+log = logging.getLogger(__name__)
+
+_ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
+_ZERO_BLOCK = bytes(fmt.BLOCK_SIZE)
+_BLOCK_BOUNDS = tuple((j * fmt.BLOCK_SIZE, (j + 1) * fmt.BLOCK_SIZE, 1 << j) for j in range(fmt.BLOCKS_PER_CLUSTER))
+_EXTENT_BUFFER_SIZE = fmt.EXTENT_HEADER_SIZE + fmt.WRITER_SLOTS * fmt.CLUSTER_SIZE
+
+
+@functools.lru_cache(maxsize=4096)
+def _runs(mask: int) -> tuple[tuple[int, int], ...]:
+    """Byte ranges of the stored blocks of a cluster, adjacent blocks merged: one copy per run."""
+    runs: list[tuple[int, int]] = []
+    block = 0
+    while block < fmt.BLOCKS_PER_CLUSTER:
+        if mask >> block & 1:
+            first = block
+            while block < fmt.BLOCKS_PER_CLUSTER and mask >> block & 1:
+                block += 1
+            runs.append((first * fmt.BLOCK_SIZE, block * fmt.BLOCK_SIZE))
+        else:
+            block += 1
+    return tuple(runs)
+
+
+class ByteSink(Protocol):
+    """Where archive bytes go. ``write`` must take all of ``data`` before returning and keep no
+    reference to it: the writer reuses its extent buffer (files, pipes and compressors do this)."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+
+class WriterState(enum.Enum):
+    COLLECTING = "collecting"  # configs and devices may be added
+    WRITING = "writing"  # header written, clusters arriving
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class _Device:
+    dev_id: int
+    name: str
+    size: int
+    clusters: int
+    tail: int  # valid bytes in the last cluster (CLUSTER_SIZE when the size is a multiple)
+    seen: ClusterMap
+
+
+def _basename(name: str) -> str:
+    """What g_path_get_basename keeps of a config path: the last non-empty component."""
+    stripped = name.rstrip("/")
+    return stripped.rsplit("/", 1)[-1] if stripped else ""
+
+
+class VmaWriter:
+    """Writes one VMA archive to a :class:`ByteSink`.
+
+    Usage: ``add_config``/``add_device`` first, then ``write_cluster`` for every
+    cluster of every device exactly once (any order), then ``close``.
+    """
+
+    def __init__(
+        self,
+        sink: ByteSink,
+        *,
+        uuid: uuid_module.UUID | None = None,
+        ctime: int | None = None,
+    ) -> None:
+        self._sink = sink
+        self._uuid = uuid if uuid is not None else uuid_module.uuid4()
+        self._ctime = ctime
+        self._configs: list[tuple[bytes, bytes]] = []
+        self._config_names: set[str] = set()
+        self._devices: list[_Device] = []
+        self._state = WriterState.COLLECTING
+        self._buf = bytearray(_EXTENT_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._slots: list[int] = []
+        self._pos = fmt.EXTENT_HEADER_SIZE
+        self.bytes_written = 0
+        self.extents_written = 0
+
+    def __repr__(self) -> str:
+        return f"<VmaWriter {self._uuid} {self._state.value}>"
+
+    @property
+    def uuid(self) -> uuid_module.UUID:
+        return self._uuid
+
+    @property
+    def state(self) -> WriterState:
+        return self._state
+
+    def _require(self, *states: WriterState) -> None:
+        if self._state not in states:
+            raise StateError("VMA writer", self._state.value, "/".join(s.value for s in states))
+
+    def add_config(self, name: str, data: bytes) -> None:
+        """Store a config file under its basename (F3); at most 256, each at most 65535 bytes."""
+        self._require(WriterState.COLLECTING)
+        base = _basename(name)
+        if not base or base in (".", "..") or "\0" in base:
+            raise VmaError(f"invalid config file name {name!r}")
+        if base in self._config_names:
+            raise VmaError(f"duplicate config file name {base!r}")
+        raw_name = encode_name(base)
+        if len(raw_name) + 1 > fmt.MAX_BLOB_SIZE:
+            raise VmaError(f"config file name too long: {base!r}")
+        if len(data) > fmt.MAX_BLOB_SIZE:
+            raise VmaError(f"config file {base!r} too large: {len(data)} bytes (at most {fmt.MAX_BLOB_SIZE})")
+        if len(self._configs) >= fmt.MAX_CONFIGS:
+            raise VmaError(f"too many config files (at most {fmt.MAX_CONFIGS})")
+        self._configs.append((raw_name, bytes(data)))
+        self._config_names.add(base)
+
+    def add_device(self, name: str, size: int) -> int:
+        """Register a disk (F4) and return its dev_id (1, 2, ... in registration order)."""
+        self._require(WriterState.COLLECTING)
+        if not name or "\0" in name or "/" in name or any(c.isspace() for c in name):
+            raise VmaError(f"invalid device name {name!r} (no '/', NUL or white space)")
+        if name == fmt.VMSTATE_NAME:
+            raise VmaError("the device name 'vmstate' is reserved for RAM state")
+        if any(dev.name == name for dev in self._devices):
+            raise VmaError(f"duplicate device name {name!r}")
+        if len(encode_name(name)) + 1 > fmt.MAX_BLOB_SIZE:
+            raise VmaError(f"device name too long: {name!r}")
+        if size <= 0 or size % fmt.SECTOR_SIZE:
+            raise VmaError(f"device {name}: size {size} is not a positive multiple of {fmt.SECTOR_SIZE} bytes")
+        clusters = fmt.cluster_count(size)
+        if clusters > fmt.MAX_CLUSTERS:
+            raise VmaError(f"device {name}: size {size} exceeds the format's 256 TiB")
+        if len(self._devices) >= fmt.MAX_DEV_ID:
+            raise VmaError(f"too many devices (at most {fmt.MAX_DEV_ID})")
+        dev_id = len(self._devices) + 1
+        tail = size - (clusters - 1) * fmt.CLUSTER_SIZE
+        self._devices.append(_Device(dev_id, name, size, clusters, tail, ClusterMap(clusters)))
+        log.debug("VMA device %d: %s, %d bytes", dev_id, name, size)
+        return dev_id
+
+    def _start(self) -> None:
+        """Emit the header: from now on the configs and devices are fixed."""
+        ctime = self._ctime if self._ctime is not None else int(time.time())
+        self._ctime = ctime
+        header = encode_header(
+            self._uuid,
+            ctime,
+            self._configs,
+            [(encode_name(dev.name), dev.size) for dev in self._devices],
+        )
+        self._state = WriterState.WRITING
+        self._emit(header)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        try:
+            self._sink.write(data)
+        except BaseException:
+            self._state = WriterState.FAILED
+            raise
+        self.bytes_written += len(data)
+
+    def write_cluster(self, dev_id: int, cluster_num: int, data: bytes | bytearray | memoryview | None) -> None:
+        """Add one cluster (F6, W3): 65536 bytes, fewer for a last partial cluster, None = all zero."""
+        if self._state is not WriterState.WRITING:
+            self._require(WriterState.COLLECTING)
+            self._start()
+        if not 1 <= dev_id <= len(self._devices):
+            raise VmaError(f"unknown VMA device id {dev_id}")
+        dev = self._devices[dev_id - 1]
+        if not 0 <= cluster_num < dev.clusters:
+            raise VmaError(f"device {dev.name}: cluster {cluster_num} beyond the end ({dev.clusters} clusters)")
+        if cluster_num in dev.seen:
+            raise VmaError(f"device {dev.name}: cluster {cluster_num} written twice")
+        last = cluster_num == dev.clusters - 1
+        valid = dev.tail if last else fmt.CLUSTER_SIZE
+        mask = 0
+        if data is not None:
+            view = data if isinstance(data, memoryview) else memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            length = len(view)
+            if length != valid and not (last and length == fmt.CLUSTER_SIZE):
+                raise VmaError(f"device {dev.name}: cluster {cluster_num} has {length} bytes, expected {valid}")
+            mask = self._pack(view, valid)
+        dev.seen.add(cluster_num)
+        self._slots.append(fmt.blockinfo(mask, dev_id, cluster_num))
+        if len(self._slots) >= fmt.WRITER_SLOTS:
+            self._flush()
+
+    def _pack(self, view: memoryview, valid: int) -> int:
+        """Copy the non-zero blocks of one cluster into the extent buffer; return the mask."""
+        buf = self._buf
+        pos = self._pos
+        if valid == fmt.CLUSTER_SIZE:
+            if _ZERO_CLUSTER.startswith(view):
+                return 0
+            # A block whose first byte is not zero is not a zero block: only blocks that
+            # start with a zero byte need the full 4 KiB comparison.
+            firsts = view[:: fmt.BLOCK_SIZE].tobytes()
+            mask = fmt.FULL_MASK
+            block = firsts.find(0)
+            while block >= 0:
+                start = block * fmt.BLOCK_SIZE
+                if _ZERO_BLOCK.startswith(view[start : start + fmt.BLOCK_SIZE]):
+                    mask &= ~(1 << block)
+                block = firsts.find(0, block + 1)
+            if mask == fmt.FULL_MASK:
+                buf[pos : pos + fmt.CLUSTER_SIZE] = view
+                self._pos = pos + fmt.CLUSTER_SIZE
+                return mask
+        else:
+            # Last partial cluster (W4): blocks starting at or past the end are never stored.
+            view = view[:valid]
+            mask = 0
+            for start, end, bit in _BLOCK_BOUNDS:
+                if start >= valid:
+                    break
+                if not _ZERO_BLOCK.startswith(view[start:end]):
+                    mask |= bit
+        for start, end in _runs(mask):
+            chunk = view[start:end]
+            buf[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+            if len(chunk) < end - start:  # the last block straddles the device end: pad with zeros
+                buf[pos : pos + end - start - len(chunk)] = _ZERO_BLOCK[: end - start - len(chunk)]
+                pos += end - start - len(chunk)
+        self._pos = pos
+        return mask
+
+    def _flush(self) -> None:
+        """Write the pending extent (W5): header with block count and MD5, then the payload."""
+        buf = self._buf
+        block_count = (self._pos - fmt.EXTENT_HEADER_SIZE) // fmt.BLOCK_SIZE
+        slots = self._slots + [0] * (fmt.EXTENT_SLOTS - len(self._slots))
+        fmt.EXTENT_HEADER.pack_into(
+            buf, 0, fmt.EXTENT_MAGIC, 0, block_count, self._uuid.bytes, bytes(16), *slots
+        )
+        buf[fmt.EXTENT_MD5] = hashlib.md5(self._view[: fmt.EXTENT_HEADER_SIZE]).digest()
+        self._emit(self._view[: self._pos])
+        self.extents_written += 1
+        self._slots = []
+        self._pos = fmt.EXTENT_HEADER_SIZE
+
+    def close(self) -> None:
+        """Flush the last extent, empty or not, as Proxmox does (W6); fail on missing clusters.
+
+        The coverage check comes first: an archive with a gap is never finished.
+        """
+        if self._state is WriterState.CLOSED:
+            return
+        self._require(WriterState.COLLECTING, WriterState.WRITING)
+        for dev in self._devices:
+            missing = dev.seen.first_missing()
+            if missing is not None:
+                self._state = WriterState.FAILED
+                raise VmaError(
+                    f"device {dev.name}: cluster {missing} was never written "
+                    f"({dev.clusters - dev.seen.seen} of {dev.clusters} clusters missing)"
+                )
+        if self._state is WriterState.COLLECTING:
+            self._start()
+        self._flush()
+        self._state = WriterState.CLOSED
+        log.debug("VMA archive %s closed: %d bytes, %d extents", self._uuid, self.bytes_written, self.extents_written)
+
+
