@@ -23,9 +23,10 @@ class Progress:
     _last_zero: int = field(default=0)
 
     def line(self, now: float, read: int, zero: int, force: bool = False) -> str | None:
-        """The next progress line, or None when it is not due yet."""
+        """The next progress line, or None when it is not due yet (``force``: due whatever the
+        time, as long as the percentage moved)."""
         pct = int(read * 100 / self.total_bytes) if self.total_bytes else 100
-        if not force and (pct == self._last_pct or now - self._last_time < self.interval_s):
+        if pct == self._last_pct or (not force and now - self._last_time < self.interval_s):
             return None
         span = now - (self._last_time or self.started)
         delta_read = read - self._last_read
