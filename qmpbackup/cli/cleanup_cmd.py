@@ -1,0 +1,75 @@
+"""``qmpbackup cleanup [VMID]``: remove what crashed or killed runs left behind.
+
+Replays each VM's journal (the nodes, filters, exports and jobs in its QEMU; the device
+back on its own node; fleecing images), then looks for leftovers by name (when the
+journal is gone), deletes ``vm-<vmid>-fleece-*`` files on file storages, and kills QEMUs
+we spawned whose run died. Without VMID: every VM that has a journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleecing.cleanup import CleanupReport, cleanup_vm, journaled_vmids, kill_spawned_orphans
+from qmpbackup.cli.common import Context, add_output_format, print_json
+from qmpbackup.errors import ConfigError, QmpBackupError
+from qmpbackup.guest_config import check_vmid, guest_path, load_guest
+from qmpbackup.jobs.storage_cfg import load_storage_cfg
+
+DEFAULT_STATE_DIR = Path("/var/lib/qmpbackup")
+
+
+class CleanupIncomplete(QmpBackupError):
+    """Some leftovers could not be removed (they stay recorded; run cleanup again)."""
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("cleanup", parents=[common],
+                              help="remove nodes, filters, exports and fleecing images left by crashed runs")
+    p.add_argument("vmid", nargs="?", metavar="VMID", help="only this VM (default: every VM with a journal)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"where journals and spawn records live (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--qmp", type=Path, metavar="SOCKET",
+                   help="the VM's QMP socket (default: from its guest definition); needs VMID")
+    add_output_format(p)
+    p.set_defaults(run=run)
+
+
+def _qmp_socket(ctx: Context, vmid: int, given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    if not guest_path(ctx.config_dir, vmid).exists():
+        return None
+    return load_guest(ctx.config_dir, vmid).reach.qmp
+
+
+async def run(args: argparse.Namespace, ctx: Context) -> int:
+    if args.qmp is not None and args.vmid is None:
+        raise ConfigError("--qmp needs a VMID")
+    state_dir: Path = args.state_dir
+    vmids = [check_vmid(args.vmid)] if args.vmid is not None else journaled_vmids(state_dir)
+    storages = load_storage_cfg(ctx.config_dir)
+    reports: list[CleanupReport] = []
+    for vmid in vmids:
+        reports.append(await cleanup_vm(vmid, state_dir, _qmp_socket(ctx, vmid, args.qmp), storages))
+    killed = kill_spawned_orphans(state_dir)
+    if getattr(args, "output_format", "text") == "json":
+        print_json({"vms": [r.as_json() for r in reports], "killed": killed})
+    else:
+        for r in reports:
+            for line in r.actions:
+                sys.stdout.write(f"VM {r.vmid}: {line}\n")
+            for line in r.failures:
+                sys.stdout.write(f"VM {r.vmid}: FAILED: {line}\n")
+            if not r.actions and not r.failures:
+                sys.stdout.write(f"VM {r.vmid}: nothing to clean up\n")
+        for line in killed:
+            sys.stdout.write(f"{line}\n")
+    failures = [f"VM {r.vmid}: {f}" for r in reports for f in r.failures]
+    if failures:
+        raise CleanupIncomplete(f"cleanup incomplete: {failures[0]}" +
+                                (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
+    return 0

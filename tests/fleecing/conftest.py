@@ -1,0 +1,148 @@
+"""Fixtures for the fleecing tests: real QEMU (each version), loop-mounted filesystems, a world
+of VM + QMP session + journal + dir storage."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fleecing.storage import FleecingPlan, fleecing_storage, plan_fleecing
+from qmpbackup.jobs.storage_cfg import Storage, parse_storage_cfg
+from qmpbackup.journal import Journal
+from qmpbackup.qemu.capabilities import Capabilities, probe
+from qmpbackup.qemu.discovery import Disk, discover_disks
+from qmpbackup.qemu.session import QmpSession
+from tests.support.qemu import DriveSpec, QemuBinaries, RunningQemu
+from tests.support.qemu import pytest_runtest_makereport, qemu, qemu_vm  # noqa: F401
+
+MiB = 1 << 20
+VMID = 100
+
+
+def dir_storage(path: Path, storeid: str = "fleece", extra: str = "") -> Storage:
+    text = f"dir: {storeid}\n\tpath {path}\n\tcontent images\n{extra}"
+    return fleecing_storage(parse_storage_cfg(text, "<test storage.cfg>"), storeid)
+
+
+def random_disk(path: Path, size: int, seed: int = 7) -> Path:
+    with open(path, "wb") as f:
+        f.write(os.urandom(size) if seed < 0 else _seeded(size, seed))
+    return path
+
+
+def _seeded(size: int, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+@dataclass
+class World:
+    vm: RunningQemu
+    session: QmpSession
+    caps: Capabilities
+    disks: dict[str, Disk]
+    journal: Journal
+    qemu: QemuBinaries
+    rundir: Path
+
+    async def plan(self, storage: Storage, keys: list[str] | None = None) -> FleecingPlan:
+        chosen = [self.disks[k] for k in keys or list(self.disks)]
+        return await plan_fleecing(storage, [d.size for d in chosen])
+
+    async def graph(self) -> dict[str, object]:
+        """What a test compares: each device's node, and every node name."""
+        blocks = await self.session.execute("query-block")
+        nodes = await self.session.execute("query-named-block-nodes", {"flat": True})
+        return {"devices": sorted((b.get("qdev"), (b.get("inserted") or {}).get("node-name")) for b in blocks),
+                "nodes": sorted(n["node-name"] for n in nodes)}
+
+
+WorldFactory = Callable[..., contextlib.AbstractAsyncContextManager[World]]
+
+
+@pytest.fixture
+def world(qemu: QemuBinaries, qemu_vm: Callable[..., RunningQemu], tmp_path: Path) -> WorldFactory:
+    """``async with world([DriveSpec(...)]) as w:`` a paused VM, connected session, open journal."""
+
+    @contextlib.asynccontextmanager
+    async def factory(drives: list[DriveSpec]) -> AsyncIterator[World]:
+        vm = qemu_vm(drives)
+        session = QmpSession(str(VMID), vm.qmp_path)
+        await session.connect()
+        journal = Journal.open(tmp_path / "state" / "journal" / f"{VMID}.jsonl")
+        try:
+            caps = await probe(session)
+            disks = {d.key: d for d in await discover_disks(session, str(VMID))}
+            yield World(vm, session, caps, disks, journal, qemu, vm.rundir)
+        finally:
+            journal.close()
+            await session.close()
+
+    return factory
+
+
+# --------------------------------------------------------------------------- loop mounts
+
+@dataclass
+class LoopFs:
+    fstype: str
+    image: Path
+    device: str
+    mountpoint: Path
+
+
+def _run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
+    "btrfs": ["mkfs.btrfs", "-q", "-f", "-K"],
+}
+MIN_SIZE = {"ext4": 4 * MiB, "xfs": 300 * MiB, "btrfs": 120 * MiB}
+
+
+@pytest.fixture
+def loopfs(tmp_path: Path) -> Iterator[Callable[[str, int], LoopFs]]:
+    """Factory: a loop-mounted filesystem of type ``fstype`` and ``size`` bytes (sparse image).
+    Skips where we are not root or mkfs is missing; always unmounts and detaches."""
+    made: list[LoopFs] = []
+
+    def make(fstype: str, size: int) -> LoopFs:
+        if os.geteuid() != 0:
+            pytest.skip("loop mounts need root")
+        tool = MKFS[fstype][0]
+        if shutil.which(tool) is None or shutil.which("losetup") is None:
+            pytest.skip(f"{tool} is not installed")
+        size = max(size, MIN_SIZE[fstype])
+        image = tmp_path / f"{fstype}-{len(made)}.img"
+        with open(image, "wb") as f:
+            f.truncate(size)
+        device = _run("losetup", "--find", "--show", str(image)).strip()
+        mnt = tmp_path / f"mnt-{fstype}-{len(made)}"
+        mnt.mkdir()
+        fs = LoopFs(fstype, image, device, mnt)
+        try:
+            _run(*MKFS[fstype], device)
+            _run("mount", device, str(mnt))
+        except subprocess.CalledProcessError as exc:
+            subprocess.run(["losetup", "-d", device], check=False)
+            pytest.skip(f"cannot make a {fstype} loop mount: {exc.stderr.strip()}")
+        made.append(fs)
+        return fs
+
+    try:
+        yield make
+    finally:
+        for fs in reversed(made):
+            subprocess.run(["umount", "-l", str(fs.mountpoint)], check=False, capture_output=True)
+            subprocess.run(["losetup", "-d", fs.device], check=False, capture_output=True)

@@ -1,0 +1,166 @@
+"""Crash safety: SIGKILL a process that built the fleecing graph, then ``qmpbackup cleanup``
+restores the original graph and removes the fleecing files (from the journal, or by name
+when the journal is gone, or files only when QEMU is gone too)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpbackup.qemu.session import QmpSession
+from tests.fleecing.conftest import MiB, VMID, random_disk
+from tests.support.qemu import ROOT, DriveSpec, QemuBinaries, RunningQemu
+
+pytestmark = pytest.mark.qemu
+
+BUILDER = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from fleecing.drives import Fleecing
+    from fleecing.storage import fleecing_storage, plan_fleecing
+    from qmpbackup.jobs.storage_cfg import load_storage_cfg
+    from qmpbackup.journal import Journal
+    from qmpbackup.qemu.capabilities import probe
+    from qmpbackup.qemu.discovery import discover_disks
+    from qmpbackup.qemu.session import QmpSession
+
+    async def main(sock, state, config, rundir, qemu_img):
+        session = QmpSession("100", sock)
+        await session.connect()
+        journal = Journal.open(Path(state) / "journal" / "100.jsonl")
+        caps = await probe(session)
+        disks = await discover_disks(session, "100")
+        storage = fleecing_storage(load_storage_cfg(Path(config)), "fleece")
+        plan = await plan_fleecing(storage, [d.size for d in disks])
+        fl = Fleecing(session, journal, caps, 100, disks, plan, rundir=Path(rundir), qemu_img=qemu_img)
+        await fl.prepare()
+        await fl.insert()
+        print("READY", flush=True)
+        await asyncio.sleep(600)
+
+    asyncio.run(main(*sys.argv[1:]))
+""")
+
+
+async def _graph(sock: Path) -> dict[str, Any]:
+    async with QmpSession(str(VMID), sock) as s:
+        blocks = await s.execute("query-block")
+        nodes = await s.execute("query-named-block-nodes", {"flat": True})
+        exports = await s.execute("query-block-exports")
+    return {"devices": sorted((b.get("qdev"), (b.get("inserted") or {}).get("node-name")) for b in blocks),
+            "nodes": sorted(n["node-name"] for n in nodes), "exports": exports}
+
+
+def graph(sock: Path) -> dict[str, Any]:
+    return asyncio.run(_graph(sock))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("journal", ["journal", "no-journal", "qemu-gone"])
+def test_cleanup_after_sigkill(qemu: QemuBinaries, qemu_vm: Any, tmp_path: Path, isolated_config: Path,
+                               journal: str) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (isolated_config / "storage.cfg").write_text(f"dir: fleece\n\tpath {store}\n\tcontent images\n")
+    drives = [DriveSpec(random_disk(tmp_path / "d0.raw", 8 * MiB), bus="scsi", dev_id="scsi0"),
+              DriveSpec(random_disk(tmp_path / "d1.raw", 4 * MiB, seed=2), bus="virtio", style="blockdev",
+                        dev_id="virtio1", node_name="disk1")]
+    vm: RunningQemu = qemu_vm(drives)
+    original = graph(vm.qmp_path)
+    state = tmp_path / "state"
+    builder = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(vm.qmp_path), str(state), str(isolated_config), str(vm.rundir),
+         str(qemu.img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert builder.stdout is not None
+        line = builder.stdout.readline()
+        assert line.strip() == "READY", builder.stderr.read() if builder.stderr else ""
+    finally:
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(10)
+    images = sorted((store / "images" / str(VMID)).iterdir())
+    assert [p.name for p in images] == [f"vm-{VMID}-fleece-0.qcow2", f"vm-{VMID}-fleece-1.qcow2"]
+    built = graph(vm.qmp_path)
+    assert built["devices"] != original["devices"]
+    jpath = state / "journal" / f"{VMID}.jsonl"
+    assert jpath.exists()
+    if journal == "no-journal":
+        jpath.unlink()
+    if journal == "qemu-gone":
+        vm.kill()
+    if journal == "journal":  # the socket from the guest definition's [qmpbackup] qmp
+        (isolated_config / "guests").mkdir()
+        (isolated_config / "guests" / f"{VMID}.conf").write_text(f"name: t\n\n[qmpbackup]\nqmp: {vm.qmp_path}\n")
+        where = []
+    else:
+        where = ["--qmp", str(vm.qmp_path)]
+    result = cli("cleanup", str(VMID), "--state-dir", str(state), *where, "--output-format", "json")
+    assert result.returncode == 0, result.stderr + result.stdout
+    report = json.loads(result.stdout)["vms"][0]
+    assert report["failures"] == []
+    assert report["qemu"] is (journal != "qemu-gone")
+    assert not any(p.exists() for p in images)
+    assert not jpath.exists()
+    if journal != "qemu-gone":
+        assert graph(vm.qmp_path) == original
+    again = cli("cleanup", str(VMID), "--state-dir", str(state), "--qmp", str(vm.qmp_path))
+    assert again.returncode == 0 and "nothing to clean up" in again.stdout, again.stderr
+
+
+def test_cleanup_usage_errors(tmp_path: Path) -> None:
+    r = cli("cleanup", "--qmp", "/x")
+    assert r.returncode == 2 and "--qmp needs a VMID" in r.stderr and "Traceback" not in r.stderr
+    r = cli("cleanup", "abc", "--state-dir", str(tmp_path))
+    assert r.returncode == 2 and "not a number" in r.stderr
+    r = cli("cleanup", "--state-dir", str(tmp_path))
+    assert r.returncode == 0 and r.stdout == ""
+
+
+def test_cleanup_leaves_a_running_backup_alone(tmp_path: Path) -> None:
+    from qmpbackup.journal import Journal
+
+    state = tmp_path / "state"
+    with Journal.open(state / "journal" / f"{VMID}.jsonl") as j:  # a backup holds the lock
+        j.record("blockdev", node="qmpbackup-100-scsi0-cbw")
+        r = cli("cleanup", str(VMID), "--state-dir", str(state), "--qmp", str(tmp_path / "none.sock"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "is a backup of VM 100 running?" in r.stdout + r.stderr
+    r = cli("cleanup", "--state-dir", str(state))  # QEMU gone: the node went with it
+    assert r.returncode == 0 and "undid blockdev qmpbackup-100-scsi0-cbw" in r.stdout, r.stderr
+
+
+def test_cleanup_kills_orphaned_spawned_qemu(tmp_path: Path) -> None:
+    from qmpbackup.qemu.process_records import ProcessRecord, process_create_time, write_record
+
+    state = tmp_path / "state"
+    owner = subprocess.Popen(["true"])
+    owner_time = process_create_time(owner.pid) or 0.0
+    owner.wait()  # the run that spawned it is gone
+    orphan = subprocess.Popen(["sleep", "60"])  # stands in for the spawned QEMU
+    try:
+        created = process_create_time(orphan.pid)
+        assert created is not None
+        write_record(state, ProcessRecord(VMID, orphan.pid, created, owner.pid, owner_time,
+                                          str(tmp_path / "qmpbackup-x")))
+        r = cli("cleanup", "--state-dir", str(state))
+        assert r.returncode == 0, r.stderr
+        assert f"killed orphaned QEMU pid {orphan.pid} of VM {VMID}" in r.stdout
+        assert orphan.wait(10) == -signal.SIGKILL
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
