@@ -24,8 +24,8 @@ from fleecing.graph import delete_export, set_device_node, undo_steps
 from fleecing.images import leftover_files
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FILE_TYPES, images_dir
-from qmpbackup.backup.blockjobs import KIND_BLOCKJOB, cancel_job, delete_node
-from qmpbackup.backup.blockjobs import undo_steps as blockjob_undo_steps
+from qmpbackup.qemu.nodes import KIND_BLOCKJOB, cancel_job, delete_node
+from qmpbackup.qemu.nodes import undo_steps as blockjob_undo_steps
 from qmpbackup.jobs.storage_cfg import Storage
 from qmpbackup.journal import Entry, Journal, JournalError, Undo, unwind
 from qmpbackup.qemu import naming

@@ -31,7 +31,7 @@ from fleecing.errors import GraphError
 from fleecing.images import FleecingImage, create_image, free_image, image_exists
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FleecingPlan
-from qmpbackup.backup.blockjobs import KIND_BLOCKDEV, delete_node, node_exists
+from qmpbackup.qemu.nodes import KIND_BLOCKDEV, delete_node, node_exists
 from qmpbackup.journal import Entry, Journal, Undo
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from fleecing.errors import FleecingError
 from fleecing.graph import KIND_EXPORT, KIND_NBD_SERVER, DriveFleecing, delete_export, stop_nbd_server
 from fleecing.nbd_client import NbdClient, NbdClientError
-from qmpbackup.backup.blockjobs import KIND_BLOCKDEV, delete_node
+from qmpbackup.qemu.nodes import KIND_BLOCKDEV, delete_node
 from qmpbackup.journal import Entry, Journal
 from qmpbackup.nbd.export import ExportConsumer
 from qmpbackup.qemu import naming

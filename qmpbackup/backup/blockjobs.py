@@ -20,26 +20,37 @@ from pathlib import Path
 from typing import Any
 
 from qmpbackup.errors import QmpBackupError
-from qmpbackup.journal import Entry, Journal, Undo
+from qmpbackup.journal import Entry, Journal
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.errors import QmpCommandError, QmpTimeoutError
+from qmpbackup.qemu.nodes import (
+    CANCEL_TIMEOUT_S,
+    KIND_BLOCKDEV,
+    KIND_BLOCKJOB,
+    cancel_job,
+    delete_node,
+    job_states,
+    node_exists,
+    undo_steps,
+)
 from qmpbackup.qemu.session import QmpSession
 
 log = logging.getLogger(__name__)
 
 JOB_EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "JOB_STATUS_CHANGE")
-#: How long a cancelled job may take to go away.
-CANCEL_TIMEOUT_S = 60.0
 #: How often job progress is polled (vzdump polls query-backup every second).
 POLL_INTERVAL_S = 1.0
 
-KIND_BLOCKDEV = "blockdev"
-KIND_BLOCKJOB = "blockjob"
 
 
 class BlockJobError(QmpBackupError):
-    """A drive's backup job failed or was cancelled by QEMU."""
+    """A drive's backup job failed or was cancelled by QEMU; ``error`` is QEMU's own text."""
+
+    def __init__(self, job_id: str, error: str) -> None:
+        self.job_id = job_id
+        self.error = error
+        super().__init__(f"backup job {job_id} failed: {error}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,59 +78,6 @@ def plan_jobs(vmid: int, sources: Sequence[tuple[str, str, int]]) -> list[DriveJ
         )
         for key, node, size in sources
     ]
-
-
-async def node_exists(session: QmpSession, node: str) -> bool:
-    nodes = await session.execute("query-named-block-nodes", {"flat": True})
-    return any(n.get("node-name") == node for n in nodes)
-
-
-async def delete_node(session: QmpSession, node: str) -> None:
-    """``blockdev-del`` if the node is there; a node that is already gone is fine."""
-    if not await node_exists(session, node):
-        return
-    try:
-        await session.execute("blockdev-del", {"node-name": node})
-    except QmpCommandError:
-        if await node_exists(session, node):
-            raise
-
-
-async def job_states(session: QmpSession) -> dict[str, Mapping[str, Any]]:
-    """``query-jobs`` by job id: status, progress and, once concluded, the error if any."""
-    return {str(j["id"]): j for j in await session.execute("query-jobs")}
-
-
-async def cancel_job(session: QmpSession, job_id: str, timeout: float = CANCEL_TIMEOUT_S) -> None:
-    """Cancel a job (forced, so one paused on error goes too), dismiss it, wait until it is gone."""
-    asked = False
-    async with asyncio.timeout(timeout):
-        while True:
-            job = (await job_states(session)).get(job_id)
-            if job is None:
-                return
-            if job.get("status") == "concluded":
-                await session.execute("job-dismiss", {"id": job_id})
-                continue
-            if not asked:
-                try:
-                    await session.execute("block-job-cancel", {"device": job_id, "force": True})
-                except QmpCommandError:
-                    pass  # it may have concluded in between; the next look decides
-                asked = True
-            await asyncio.sleep(0.1)
-
-
-def undo_steps(session: QmpSession) -> dict[str, Undo]:
-    """The journal's cleanup steps for what this module creates."""
-
-    async def undo_blockdev(entry: Entry) -> None:
-        await delete_node(session, str(entry.data["node"]))
-
-    async def undo_blockjob(entry: Entry) -> None:
-        await cancel_job(session, str(entry.data["job"]))
-
-    return {KIND_BLOCKDEV: undo_blockdev, KIND_BLOCKJOB: undo_blockjob}
 
 
 async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[DriveJob], socket: Path,
@@ -163,8 +121,11 @@ def backup_action(job: DriveJob, caps: Capabilities, *, speed: int, max_workers:
     }
     if max_workers and caps.has_backup_x_perf:
         data["x-perf"] = {"max-workers": max_workers}
-    if extra:
-        data.update(extra)
+    for key, value in (extra or {}).items():
+        if key == "x-perf":  # merged: fleecing adds min-cluster-size beside max-workers
+            data["x-perf"] = {**data.get("x-perf", {}), **value}
+        else:
+            data[key] = value
     return {"type": "blockdev-backup", "data": data}
 
 
@@ -199,6 +160,7 @@ async def run_jobs(
     failure: Callable[[], Awaitable[QmpBackupError]],
     on_progress: Callable[[JobProgress], None],
     extra: Mapping[str, Mapping[str, Any]] | None = None,
+    actions: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     """Start every drive's job in one transaction and wait until all have completed.
 
@@ -206,7 +168,9 @@ async def run_jobs(
     awaits ``start``, thaws). ``failure()`` resolves when the data path fails (our NBD
     endpoint saw a protocol error or a point-in-time violation); the jobs are then
     cancelled and that error raised. Any exception, including cancellation, cancels
-    the jobs that are still running before it propagates.
+    the jobs that are still running before it propagates. ``extra`` adds job arguments per
+    drive key (e.g. an incremental ``sync``); ``actions`` go into the same transaction before
+    the jobs (e.g. ``block-dirty-bitmap-add``, so a new bitmap starts exactly with the jobs).
     """
     progress = JobProgress(total={j.job_id: j.size for j in jobs})
     remaining = {j.job_id for j in jobs}
@@ -217,10 +181,11 @@ async def run_jobs(
         async def start() -> None:
             for job in jobs:
                 entries[job.job_id] = journal.record(KIND_BLOCKJOB, job=job.job_id)
-            actions = [backup_action(j, caps, speed=speed, max_workers=max_workers,
-                                     extra=(extra or {}).get(j.key)) for j in jobs]
+            all_actions = [dict(a) for a in actions]
+            all_actions += [backup_action(j, caps, speed=speed, max_workers=max_workers,
+                                          extra=(extra or {}).get(j.key)) for j in jobs]
             props = {"completion-mode": "individual"} if caps.has_transaction_completion_mode else None
-            args: dict[str, Any] = {"actions": actions}
+            args: dict[str, Any] = {"actions": all_actions}
             if props:
                 args["properties"] = props
             try:
@@ -246,7 +211,7 @@ async def run_jobs(
                 for job_id in sorted(remaining):
                     job = states.get(job_id)
                     if job is None:
-                        raise BlockJobError(f"backup job {job_id} disappeared from QEMU")
+                        raise BlockJobError(job_id, "it disappeared from QEMU")
                     progress.done[job_id] = int(job.get("current-progress", 0))
                     progress.total[job_id] = int(job.get("total-progress", 0)) or progress.total[job_id]
                     if job.get("status") != "concluded":
@@ -256,7 +221,7 @@ async def run_jobs(
                     remaining.discard(job_id)
                     journal.resolve(entries[job_id])
                     if error:
-                        raise BlockJobError(f"backup job {job_id} failed: {error}")
+                        raise BlockJobError(job_id, str(error))
                     progress.done[job_id] = progress.total[job_id]
                     if remaining and limit_bps > 0:
                         new_speed = share(limit_bps, len(remaining))

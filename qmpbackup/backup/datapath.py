@@ -14,14 +14,14 @@ are closed, and the file is fsynced and renamed (:mod:`qmpbackup.atomic_file`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from qmpbackup.backup.assembler import ClusterAssembler
 from qmpbackup.compress import Compression, CompressOptions, Compressor, open_compressor
-from qmpbackup.nbd.export import Export
+from qmpbackup.nbd.export import Export, ExportConsumer
 from qmpbackup.nbd.server import NbdServer
 from qmpbackup.vma import VmaWriter
 
@@ -33,11 +33,16 @@ DISCONNECT_TIMEOUT_S = 600.0
 
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
-    """One device of the archive: its VMA name, size in bytes and NBD export name."""
+    """One device of the archive: its drive key, VMA name, size in bytes and NBD export name."""
 
+    key: str
     devname: str
     size: int
     export: str
+
+
+#: Wraps a device's export consumer (fleecing's space reclaim watches what arrives).
+ConsumerWrap = Callable[[DeviceSpec, ExportConsumer], ExportConsumer]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +69,7 @@ class ArchiveDataPath:
 
     def __init__(self, out: BinaryIO, compression: Compression, options: CompressOptions,
                  configs: Sequence[tuple[str, bytes]], devices: Sequence[DeviceSpec],
-                 socket: Path, name: str) -> None:
+                 socket: Path, name: str, wrap: ConsumerWrap | None = None) -> None:
         self._compressor = open_compressor(out, compression, options)
         self._sink = _CountingSink(self._compressor)
         self.writer = VmaWriter(self._sink)
@@ -76,7 +81,8 @@ class ArchiveDataPath:
             dev_id = self.writer.add_device(dev.devname, dev.size)
             assembler = ClusterAssembler(self.writer, dev_id, dev.size, name=dev.devname)
             self.assemblers[dev.export] = assembler
-            exports.append(Export(dev.export, dev.size, assembler))
+            consumer: ExportConsumer = assembler if wrap is None else wrap(dev, assembler)
+            exports.append(Export(dev.export, dev.size, consumer))
         self.server = NbdServer(socket, exports, name=f"nbd-{name}")
 
     @property

@@ -24,9 +24,11 @@ from qmpbackup.cli.common import (
 )
 from qmpbackup.errors import EXIT_FAILED, EXIT_OK, QmpBackupError, UsageError
 from qmpbackup.guest_config import GuestDefinition, guest_path, load_guest
+from fleecing.storage import fleecing_storage
 from qmpbackup.jobs.hooks import HookRunner
 from qmpbackup.jobs.jobs_cfg import find_job, load_jobs_cfg
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR, HostLock, stop_running_job
+from qmpbackup.jobs.storage_cfg import load_storage_cfg
 from qmpbackup.jobs.target import resolve_target
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,11 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     if opts.stdout and len(vmids) != 1:
         raise UsageError("--stdout writes one archive: give exactly one VMID")
     definitions = {vmid: _definition(ctx, vmid, args.qmp) for vmid in vmids}
+    fleece_storage = None
+    if opts.fleecing.enabled:
+        if not opts.fleecing.storage:
+            raise UsageError("fleecing enabled=1 needs storage=ID (a storage of storage.cfg)")
+        fleece_storage = fleecing_storage(load_storage_cfg(ctx.config_dir), opts.fleecing.storage)
     hooks = HookRunner(opts.script, storeid=target.storage.storeid if target.storage else None,
                        dumpdir=target.dump_dir, on_output=task.info) if opts.script else None
 
@@ -169,6 +176,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
                 state_dir=args.state_dir,
                 stdout=sys.stdout.buffer if opts.stdout else None,
                 hooks=hooks,
+                fleecing_storage=fleece_storage,
             )
             results.append(await backup_guest(request))
         failed = [r for r in results if r.status != "ok"]

@@ -9,7 +9,7 @@ import pytest
 
 from fleecing.drives import Fleecing
 from fleecing.graph import KIND_DRIVE, KIND_IMAGE, GraphState, set_device_node, undo_steps
-from qmpbackup.backup.blockjobs import undo_steps as blockjob_undo_steps
+from qmpbackup.qemu.nodes import undo_steps as blockjob_undo_steps
 from qmpbackup.journal import unwind
 from tests.fleecing.conftest import MiB, VMID, WorldFactory, dir_storage, random_disk
 from tests.fleecing.helpers import backup_node_to_file, expect_pattern, guest_write

@@ -258,3 +258,36 @@ def test_hook_script_phases_and_environment(qemu: QemuBinaries, qemu_vm, tmp_pat
     r = run.run("100", "--qmp", str(vm.qmp_path), "--script", str(failing))
     assert r.returncode == 1 and "backup-start" in r.stderr
     assert len(run.archives()) == 1
+
+
+def test_fleecing_point_in_time_and_nothing_left(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path,
+                                                 isolated_config: Path) -> None:
+    """Fleecing on a dir storage: the guest's old data goes to a fleecing image, not to the target."""
+    fleece_dir = tmp_path / "fleece"
+    fleece_dir.mkdir()
+    (isolated_config / "storage.cfg").write_text(f"dir: fast\n\tpath {fleece_dir}\n\tcontent images\n")
+    disk = make_image(qemu.img, qemu.io, tmp_path / "d.qcow2", "qcow2", 24 * MiB, [(0x42, 0, 24 * MiB)])
+    [before] = _snapshot([disk], tmp_path / "before")
+    vm = qemu_vm([_drive(disk, "scsi0", "scsi", "qcow2", "drive")], extra_args=monitor_args(mon_dir))
+    mon = Monitor(mon_dir / "monitor.sock")
+    nodes_before = mon.node_names()
+    run = BackupRun(tmp_path)
+    proc = run.start("100", "--qmp", str(vm.qmp_path), "--fleecing", "enabled=1,storage=fast",
+                     "--bwlimit", "8192", "--compress", "zstd")
+    try:
+        mon.wait_jobs(1)
+        assert any(p.name.startswith("vm-100-fleece-") for p in fleece_dir.rglob("*")), "a fleecing image"
+        mon.qemu_io("scsi0", "write -P 0xcc 20M 2M")
+        mon.qemu_io("scsi0", "write -P 0xcd 0 64k")
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "attaching fleecing image" in err
+        assert mon.node_names() == nodes_before, "the device is back on its own node, our nodes are gone"
+        assert mon.cmd("query-block-jobs") == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        mon.close()
+    assert not [p for p in fleece_dir.rglob("*") if p.is_file()], "no fleecing image left"
+    [archive] = run.archives()
+    assert images_equal(qemu.img, extract(archive, tmp_path / "x")["drive-scsi0"], before, "qcow2")
