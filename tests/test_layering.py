@@ -1,0 +1,63 @@
+"""Data flows one way: CLI → jobs → backup → (qemu, guest_agent, fleecing) → nbd → vma → compress.
+
+This test reads every module's imports and fails on an edge that goes the wrong way, so the
+layering in README.md's layout stays true.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+# (package folder, forbidden import prefixes, files exempt with the reason)
+RULES: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
+    ("qmpbackup/vma", ("qmpbackup.qemu", "qmpbackup.nbd", "qmpbackup.backup", "qemu", "qmpbackup.cli",
+                       "fleecing", "argparse"), {}),
+    ("qmpbackup/nbd", ("qmpbackup.qemu", "qmpbackup.backup", "qmpbackup.cli", "qmpbackup.vma", "fleecing",
+                       "argparse"), {}),
+    ("qmpbackup/qemu", ("qmpbackup.backup", "qmpbackup.cli", "qmpbackup.vma", "qmpbackup.nbd", "fleecing",
+                        "argparse"), {}),
+    ("qmpbackup/guest_agent", ("qmpbackup.backup", "qmpbackup.cli", "qmpbackup.qemu", "fleecing", "argparse"), {}),
+    ("qmpbackup/backup", ("qmpbackup.cli", "argparse"), {}),
+    ("qmpbackup/restore", ("qmpbackup.cli", "qmpbackup.backup", "argparse"), {}),
+    ("qmpbackup/store", ("qmpbackup.cli", "qmpbackup.backup", "qmpbackup.qemu", "argparse"), {}),
+    ("fleecing", ("qmpbackup.cli", "qmpbackup.backup", "argparse"),
+     {"bench.py": "the benchmark drives the real backup jobs", "__main__.py": "entry point"}),
+]
+
+
+@pytest.mark.parametrize(("folder", "forbidden", "exempt"), RULES, ids=[r[0] for r in RULES])
+def test_no_import_goes_the_wrong_way(folder: str, forbidden: tuple[str, ...], exempt: dict[str, str]) -> None:
+    wrong = []
+    for path in _modules(folder):
+        if path.name in exempt:
+            continue
+        for name in _imports(path):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_compress_knows_nothing_of_qemu() -> None:
+    for path in (ROOT / "qmpbackup/compress.py", ROOT / "qmpbackup/atomic_file.py", ROOT / "qmpbackup/throttle.py"):
+        assert not {n for n in _imports(path) if n.startswith(("qemu", "qmpbackup.qemu", "qmpbackup.nbd"))}
