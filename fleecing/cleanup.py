@@ -24,8 +24,8 @@ from fleecing.graph import delete_export, set_device_node, undo_steps
 from fleecing.images import leftover_files
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FILE_TYPES, images_dir
-from qmpbackup.qemu.nodes import KIND_BLOCKJOB, cancel_job, delete_node
-from qmpbackup.qemu.nodes import undo_steps as blockjob_undo_steps
+from qmpbackup.qemu.nodes import KIND_BITMAP, KIND_BLOCKJOB, KIND_PAUSE, cancel_job, delete_node
+from qmpbackup.qemu.nodes import undo_steps as qemu_undo_steps
 from qmpbackup.jobs.storage_cfg import Storage
 from qmpbackup.journal import Entry, Journal, JournalError, Undo, unwind
 from qmpbackup.qemu import naming
@@ -35,7 +35,6 @@ from qmpbackup.qemu.session import QmpSession
 
 log = logging.getLogger(__name__)
 
-KIND_PAUSE = "pause"  # the engine's: it paused the VM (suspend mode)
 #: Our node roles, in the order they can be deleted (users before what they use).
 NODE_ORDER = (naming.ROLE_SNAPSHOT, naming.ROLE_SNAPSHOT_TRIM, naming.ROLE_TARGET, naming.ROLE_CBW,
               naming.ROLE_FLEECE, naming.ROLE_FLEECE_FILE)
@@ -70,12 +69,11 @@ def _handlers(session: QmpSession | None, runner: Runner, report: CleanupReport)
     async def noop(entry: Entry) -> None:
         pass
 
-    async def undo_pause(entry: Entry) -> None:
-        if session is not None and (await session.execute("query-status"))["status"] == "paused":
-            await session.execute("cont")
-
-    handlers: dict[str, Undo] = {**fleecing, KIND_PAUSE: undo_pause}  # no session: QEMU steps do nothing
-    handlers.update(blockjob_undo_steps(session) if session is not None else {KIND_BLOCKJOB: noop})
+    handlers: dict[str, Undo] = dict(fleecing)
+    if session is not None:
+        handlers.update(qemu_undo_steps(session))
+    else:  # QEMU is gone, and what lived in it went with it
+        handlers.update({kind: noop for kind in (KIND_BLOCKJOB, KIND_BITMAP, KIND_PAUSE)})
 
     def logged(kind: str, step: Undo) -> Undo:
         async def run(entry: Entry) -> None:

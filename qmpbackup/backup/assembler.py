@@ -71,6 +71,7 @@ class AssemblerStats:
     bytes_trimmed: int = 0      # TRIM length received (ignored)
     zero_bytes: int = 0         # bytes of emitted all-zero clusters (the "sparse" share)
     duplicate_bytes: int = 0    # bytes received again with identical content
+    bytes_reused: int = 0       # bytes taken from a previous archive (incremental runs)
     clusters_emitted: int = 0
 
     @property
@@ -193,6 +194,34 @@ class ClusterAssembler:
         self._finished = True
         log.debug("%r: finished", self)
 
+    def first_missing(self) -> int | None:
+        """The lowest cluster not emitted yet (None: the device is complete)."""
+        for byte_index, bits in enumerate(self._done):
+            if bits != 0xFF:
+                for c in range(byte_index * 8, min(byte_index * 8 + 8, self.cluster_count)):
+                    if not bits & (1 << (c & 7)):
+                        return c
+        return None
+
+    def emit_reused(self, c: int, data: bytes | memoryview | None) -> int:
+        """Emit cluster ``c`` from a previous archive unless QEMU sent it; the bytes taken.
+
+        Only after QEMU's writes have ended (incremental runs, :mod:`qmpbackup.backup.synthetic`):
+        a cluster QEMU sent only in part cannot be completed from elsewhere.
+        """
+        self._check_open()
+        if not 0 <= c < self.cluster_count:
+            raise ValueError(f"{self.name}: cluster {c} outside 0..{self.cluster_count}")
+        if self._is_done(c):
+            return 0
+        if c in self._partial:
+            raise PointInTimeError(self.name, c, "QEMU sent only part of this changed cluster")
+        clen = self._cluster_length(c)
+        piece = None if data is None else memoryview(data)[:clen]
+        self._emit(c, piece, clen, checksum=False)  # QEMU's writes have ended: nothing to compare
+        self.stats.bytes_reused += clen
+        return clen
+
     def _check_open(self) -> None:
         if self._finished:
             raise StateError(f"assembler of {self.name}", "finished", "open")
@@ -261,13 +290,13 @@ class ClusterAssembler:
             del self._partial[c]
             self._emit(c, memoryview(partial.buf), clen)
 
-    def _emit(self, c: int, piece: memoryview | None, clen: int) -> None:
+    def _emit(self, c: int, piece: memoryview | None, clen: int, *, checksum: bool = True) -> None:
         if piece is not None and _ZERO.startswith(piece):
             piece = None
         if piece is None:
             self._crc[c] = _zero_crc(clen)
             self.stats.zero_bytes += clen
-        else:
+        elif checksum:
             self._crc[c] = zlib.crc32(piece)
         self.sink.write_cluster(self.dev_id, c, piece)
         self._done[c >> 3] |= 1 << (c & 7)

@@ -25,7 +25,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 from qmpbackup.atomic_file import atomic_output
 from qmpbackup.backup.archive_config import DiskMap, assemble, vma_device_name
 from qmpbackup.backup.blockjobs import (
+    BlockJobError,
     DriveJob,
     JobProgress,
     attach_targets,
@@ -52,11 +53,16 @@ from qmpbackup.errors import QmpBackupError, UsageError
 from qmpbackup.guest_agent.client import GuestAgentClient
 from qmpbackup.guest_agent.freeze import frozen_window
 from qmpbackup.guest_config import GuestDefinition, format_size, guest_from_running
+from fleecing.drives import Fleecing
+from fleecing.graph import undo_steps as fleecing_undo_steps
+from fleecing.storage import plan_fleecing
 from qmpbackup.jobs.hooks import GuestInfo, HookRunner
+from qmpbackup.jobs.storage_cfg import Storage
 from qmpbackup.jobs.vzdump_conf import VzdumpOptions
 from qmpbackup.journal import Entry, Journal, unwind
-from qmpbackup.qemu.capabilities import probe
+from qmpbackup.qemu.capabilities import Capabilities, probe
 from qmpbackup.qemu.discovery import Disk, discover_disks
+from qmpbackup.qemu.nodes import KIND_PAUSE
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.spawn import SpawnedQemu
 from qmpbackup.render import render_hms, render_size_decimal
@@ -67,7 +73,6 @@ from qmpbackup.store.protection import protect
 
 log = logging.getLogger(__name__)
 
-KIND_PAUSE = "pause"
 #: Seconds between progress lines (vzdump: when the percentage changed and > 2 s passed).
 PROGRESS_INTERVAL_S = 3.0
 
@@ -90,6 +95,7 @@ class GuestRequest:
     state_dir: Path = Path("/var/lib/qmpbackup")
     stdout: BinaryIO | None = None
     hooks: HookRunner | None = None
+    fleecing_storage: Storage | None = None  # resolved from storage.cfg when fleecing is enabled
     node: str = field(default_factory=lambda: os.uname().nodename)
 
 
@@ -324,7 +330,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
 
         journal = Journal.open(req.state_dir / "journal" / f"{req.vmid}.jsonl")
         stack.callback(journal.close)
-        handlers = {**undo_steps(session), **incremental.undo_steps(session), KIND_PAUSE: _undo_pause(session)}
+        handlers = {**fleecing_undo_steps(session), **undo_steps(session)}
         if journal.pending():
             tasklog.warn("cleaning up what an earlier run of this VM left behind")
             for failure in await unwind(journal, handlers):
@@ -360,22 +366,34 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
 
         rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{req.vmid}-"))
         stack.callback(shutil.rmtree, rundir, True)
-        jobs = plan_jobs(req.vmid, [(d.key, d.top_node, d.size) for d in chosen])
-        devices = [DeviceSpec(vma_device_name(j.key), j.size, j.export) for j in jobs]
+        fleece = await _fleecing(req, session, journal, caps, chosen, rundir, running, mode, tasklog)
+        if fleece is not None:
+            stack.push_async_callback(fleece.teardown)
+            await fleece.prepare()
+            sources = fleece.sources()
+        else:
+            sources = [(d.key, d.top_node, d.size) for d in chosen]
+        jobs = plan_jobs(req.vmid, sources)
+        devices = [DeviceSpec(j.key, vma_device_name(j.key), j.size, j.export) for j in jobs]
 
         output = (contextlib.nullcontext(req.stdout) if req.stdout is not None
                   else atomic_output(archive, temp_name(archive)))
         with output as out:
             datapath = ArchiveDataPath(out, compression, compress_options(opts), configs, devices,
-                                       rundir / "nbd.sock", str(req.vmid))
+                                       rundir / "nbd.sock", str(req.vmid),
+                                       wrap=(lambda dev, c: fleece.consumer(dev.key, c)) if fleece else None)
             try:
                 plan = await incremental.plan_incremental(
                     session, req.vmid, jobs, dump_dir=req.dump_dir, enabled=opts.dirty_bitmap,
                     new_uuid=datapath.uuid, to_stdout=req.stdout is not None,
-                    persistent_ok=caps.has_persistent_bitmaps)
+                    persistent_ok=caps.has_persistent_bitmaps,
+                    nodes={d.key: d.top_node for d in chosen} if fleece else None)
                 for line in plan.log_lines():
                     tasklog.info(line)
-                plan.record(journal)
+                if fleece is None:
+                    plan.record(journal)  # the bitmaps start in the jobs' transaction
+                else:
+                    await plan.start_bitmaps(session, journal)  # before the snapshot point
                 await datapath.server.start()
                 await attach_targets(session, journal, jobs, datapath.server.path, caps)
                 started = time.monotonic()
@@ -388,15 +406,27 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
                     if line:
                         tasklog.info(line)
 
+                async def snapshot_point() -> None:
+                    assert fleece is not None
+                    await fleece.insert()
+                    await plan.bind_snapshots(session, journal, {j.key: j.source_node for j in jobs})
+
                 window = _start_window(req, definition, session, journal, tasklog, mode, status,
-                                       user_paused, result)
-                await run_jobs(session, journal, jobs, caps,
-                               limit_bps=opts.bwlimit_kib * 1024,
-                               max_workers=opts.performance.max_workers,
-                               start_window=window,
-                               failure=datapath.server.wait_failure,
-                               on_progress=on_progress,
-                               extra=plan.job_args(), actions=plan.actions())
+                                       user_paused, result, before_start=snapshot_point if fleece else None)
+                try:
+                    await run_jobs(session, journal, jobs, caps,
+                                   limit_bps=opts.bwlimit_kib * 1024,
+                                   max_workers=opts.performance.max_workers,
+                                   start_window=window,
+                                   failure=datapath.server.wait_failure,
+                                   on_progress=on_progress,
+                                   extra=_merged(plan.job_args(), fleece.job_extra() if fleece else {}),
+                                   actions=plan.actions())
+                except BlockJobError as exc:
+                    key = next((j.key for j in jobs if j.job_id == exc.job_id), None)
+                    if fleece is not None and key is not None:
+                        raise fleece.broken(key, exc.error) from exc
+                    raise
                 await detach_targets(session, journal, jobs)
                 reused = await complete_from_previous(plan, datapath, session)
                 await datapath.finish()
@@ -425,6 +455,35 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
         _after_archive(req, archive, definition, tasklog)
 
 
+def _merged(*extras: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per drive key, the extra job arguments of several features together."""
+    result: dict[str, dict[str, Any]] = {}
+    for extra in extras:
+        for key, args in extra.items():
+            result.setdefault(key, {}).update(args)
+    return result
+
+
+async def _fleecing(req: GuestRequest, session: QmpSession, journal: Journal, caps: Capabilities,
+                    disks: list[Disk], rundir: Path, running: bool, mode: str, tasklog: TaskLog) -> Fleecing | None:
+    """The fleecing set-up, when enabled and useful: checked before anything changes in QEMU."""
+    if not req.options.fleecing.enabled or not disks:
+        return None
+    if not running or mode == "stop":
+        tasklog.info("fleecing not used: the guest does not run during the backup")
+        return None
+    storage = req.fleecing_storage
+    if storage is None:
+        raise UsageError("fleecing is enabled but no fleecing storage is set (fleecing enabled=1,storage=ID)")
+    plan = await plan_fleecing(storage, [d.size for d in disks])
+    fleece = Fleecing(session, journal, caps, req.vmid, disks, plan, rundir=rundir)
+    for warning in fleece.warnings:
+        tasklog.warn(warning)
+    for disk in disks:
+        tasklog.info(f"drive-{disk.key}: attaching fleecing image on storage '{plan.storeid}' to QEMU")
+    return fleece
+
+
 def _select_disks(definition: GuestDefinition, disks: tuple[Disk, ...], tasklog: TaskLog) -> list[Disk]:
     """vzdump's include/exclude lines; ``backup=0`` drives are left out."""
     chosen = []
@@ -439,11 +498,21 @@ def _select_disks(definition: GuestDefinition, disks: tuple[Disk, ...], tasklog:
 
 
 def _start_window(req: GuestRequest, definition: GuestDefinition, session: QmpSession, journal: Journal,
-                  tasklog: TaskLog, mode: str, status: str, user_paused: bool,
-                  result: GuestResult) -> Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]:
-    """The moment the jobs start: frozen (snapshot), or paused (suspend), and nothing else."""
+                  tasklog: TaskLog, mode: str, status: str, user_paused: bool, result: GuestResult,
+                  before_start: Callable[[], Awaitable[None]] | None = None,
+                  ) -> Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]:
+    """The moment the jobs start: frozen (snapshot), or paused (suspend), and nothing else.
 
-    async def window(start: Callable[[], Awaitable[None]]) -> None:
+    ``before_start`` runs inside the window right before the jobs' transaction (fleecing puts
+    its copy-before-write filters under the devices there: that is the point in time).
+    """
+
+    async def window(job_start: Callable[[], Awaitable[None]]) -> None:
+        async def start() -> None:
+            if before_start is not None:
+                await before_start()
+            await job_start()
+
         pause: Entry | None = None
         if mode == "suspend" and status == "running":
             tasklog.info("suspending guest")
@@ -485,15 +554,6 @@ def _start_window(req: GuestRequest, definition: GuestDefinition, session: QmpSe
             journal.resolve(pause)
 
     return window
-
-
-def _undo_pause(session: QmpSession) -> Callable[[Entry], Awaitable[None]]:
-    async def undo(entry: Entry) -> None:
-        status = (await session.execute("query-status"))["status"]
-        if status == "paused":
-            await session.execute("cont")
-
-    return undo
 
 
 async def _final_unwind(journal: Journal, handlers: dict[str, Callable[[Entry], Awaitable[None]]],

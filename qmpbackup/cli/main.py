@@ -24,7 +24,7 @@ from qmpbackup.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, QmpBackupError
 log = logging.getLogger("qmpbackup")
 
 # One module per subcommand, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("backup_cmd", "vma_cmd", "list_cmd", "prune_cmd", "protect_cmd", "notes_cmd", "jobs_cmd", "restore_cmd", "verify_cmd", "cleanup_cmd")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -68,8 +68,8 @@ def setup_logging(debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # qemu.qmp logs every message at DEBUG; keep it quiet unless asked.
-    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # qemu.qmp logs every message at DEBUG and repeats our connect errors at ERROR: quiet unless asked.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 def _run_async(awaitable: Awaitable[int | None]) -> int | None:

@@ -65,6 +65,7 @@ class VzdumpOptions:
     ionice: int = 7  # 0..8, 8 = idle class
     performance: Performance = Performance()
     fleecing: Fleecing = Fleecing()
+    dirty_bitmap: bool = True  # incremental reads with dirty bitmaps (issue 8)
     lockwait_min: int = 180
     stopwait_min: int = 10
     # retention and archive extras
@@ -227,6 +228,7 @@ OPTIONS: Mapping[str, _Option] = MappingProxyType(
         "all": _Option("all", _bool),
         "bwlimit": _Option("bwlimit_kib", _int(0)),
         "compress": _Option("compress", _compress),
+        "dirty-bitmap": _Option("dirty_bitmap", _bool),
         "dumpdir": _Option("dumpdir", _path),
         "exclude": _Option("exclude", _vmid_list),
         "exclude-path": _Option("exclude_path", _word_list, containers_only=True),

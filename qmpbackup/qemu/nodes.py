@@ -1,7 +1,8 @@
-"""Our block nodes and jobs in QEMU: does it exist, delete it, cancel it — each safe to run twice.
+"""What a backup changes in QEMU, and how each change is undone — each step safe to run twice.
 
-These are the journal's cleanup steps for the kinds ``blockdev`` and ``blockjob``:
-the backup engine, fleecing and ``qmpbackup cleanup`` all undo through them, so a
+These are the journal's cleanup steps for the kinds ``blockdev`` (a node), ``blockjob``,
+``bitmap`` (a dirty bitmap a failed run started) and ``pause`` (the VM paused in suspend
+mode): the backup engine, fleecing and ``qmpbackup cleanup`` all undo through them, so a
 step never has two versions.
 """
 
@@ -17,6 +18,8 @@ from qmpbackup.qemu.session import QmpSession
 
 KIND_BLOCKDEV = "blockdev"
 KIND_BLOCKJOB = "blockjob"
+KIND_BITMAP = "bitmap"
+KIND_PAUSE = "pause"
 #: How long a cancelled job may take to go away.
 CANCEL_TIMEOUT_S = 60.0
 
@@ -62,6 +65,28 @@ async def cancel_job(session: QmpSession, job_id: str, timeout: float = CANCEL_T
             await asyncio.sleep(0.1)
 
 
+async def bitmap_exists(session: QmpSession, node: str, name: str) -> bool:
+    for info in await session.execute("query-named-block-nodes", {"flat": True}):
+        if info.get("node-name") == node:
+            return any(b.get("name") == name for b in info.get("dirty-bitmaps") or ())
+    return False
+
+
+async def remove_bitmap(session: QmpSession, node: str, name: str) -> None:
+    """``block-dirty-bitmap-remove`` unless it is gone already (or its node is)."""
+    try:
+        await session.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+    except QmpCommandError:
+        if await bitmap_exists(session, node, name):
+            raise
+
+
+async def resume_if_paused(session: QmpSession) -> None:
+    """``cont`` a VM that we paused; a VM in any other state is left as it is."""
+    if (await session.execute("query-status"))["status"] == "paused":
+        await session.execute("cont")
+
+
 def undo_steps(session: QmpSession) -> dict[str, Undo]:
     """The journal's cleanup steps for what this module creates."""
 
@@ -71,4 +96,11 @@ def undo_steps(session: QmpSession) -> dict[str, Undo]:
     async def undo_blockjob(entry: Entry) -> None:
         await cancel_job(session, str(entry.data["job"]))
 
-    return {KIND_BLOCKDEV: undo_blockdev, KIND_BLOCKJOB: undo_blockjob}
+    async def undo_bitmap(entry: Entry) -> None:
+        await remove_bitmap(session, str(entry.data["node"]), str(entry.data["name"]))
+
+    async def undo_pause(entry: Entry) -> None:
+        await resume_if_paused(session)
+
+    return {KIND_BLOCKDEV: undo_blockdev, KIND_BLOCKJOB: undo_blockjob, KIND_BITMAP: undo_bitmap,
+            KIND_PAUSE: undo_pause}

@@ -7,9 +7,11 @@ model as it was when that run's jobs started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from tests.support.qemu import DriveSpec, QemuBinaries
 pytestmark = pytest.mark.qemu
 
 MiB = 1 << 20
+C = 65536
 VMID = "100"
 
 
@@ -67,7 +70,7 @@ class Session:
 
     def backup(self, *args: str, ok: bool = True) -> tuple[dict[str, Any], str, Path | None]:
         before = set(self.run_.archives())
-        time.sleep(max(0.0, 1.05 - (time.time() % 1.0)))  # archive names have one-second resolution
+        _next_second()
         r = self.run_.run(VMID, "--qmp", str(self.qmp), "--output-format", "json", *args)
         assert (r.returncode == 0) == ok, r.stderr
         assert "Traceback" not in r.stderr
@@ -84,6 +87,21 @@ class Session:
         return {dev.removeprefix("drive-"): path.read_bytes() for dev, path in out.items()}
 
 
+def _wait_jobs(mon: Monitor, proc: subprocess.Popen[str], count: int) -> None:
+    """Until ``count`` jobs run; a backup that ended first fails the test with its log."""
+    try:
+        mon.wait_jobs(count)
+    except TimeoutError:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"{count} jobs did not start:\n{err}") from None
+
+
+def _next_second() -> None:
+    """Archive names have a resolution of one second: a run must not start in the previous run's."""
+    time.sleep(1.05 - time.time() % 1.0)
+
+
 def _our_bitmaps(mon: Monitor) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     for node in mon.cmd("query-named-block-nodes", flat=True):
@@ -94,10 +112,14 @@ def _our_bitmaps(mon: Monitor) -> dict[str, list[dict[str, Any]]]:
 
 
 def _quit(mon: Monitor) -> None:
-    try:
+    """A clean QEMU exit; the socket may close before (or while) the reply arrives."""
+    with contextlib.suppress(EOFError):
         mon.cmd("quit")
-    except EOFError:
-        pass  # QEMU may close the socket before its reply arrives
+
+
+def _close(mon: Monitor) -> None:
+    with contextlib.suppress(EOFError):
+        mon.close()
 
 
 def _full_read_line(log: str, reason: str) -> None:
@@ -136,10 +158,11 @@ def test_incremental_is_the_disks_at_job_start(qemu: QemuBinaries, qemu_vm, tmp_
         at_start = model.copy()
 
         # A slow job, so guest writes land while it runs (into changed and unchanged areas).
+        _next_second()
         proc = s.run_.start(VMID, "--qmp", str(vm.qmp_path), "--output-format", "json",
                             "--compress", compress, "--bwlimit", "1024")
         try:
-            mon.wait_jobs(2)
+            _wait_jobs(mon, proc, 2)
             model.write(mon, "scsi0", 3 * MiB + 512 * 1024, 4096, 0x77)  # dirty, maybe not copied yet
             model.write(mon, "scsi0", 6 * MiB, MiB, 0x78)  # clean: from the previous archive
             model.write(mon, "scsi1", MiB, 4096, 0x79)
@@ -246,7 +269,7 @@ def test_persistent_bitmap_survives_restart_and_new_drive_is_read_fully(
         model.write(mon, "scsi0", 5 * MiB, 65536, 0x41)
         _quit(mon)  # a clean exit stores the persistent bitmap in the image
     finally:
-        mon.close()
+        _close(mon)
     vm.proc.wait(timeout=30)
 
     c = make_image(qemu.img, qemu.io, tmp_path / "c.raw", "raw", 2 * MiB, [(0x51, 0, MiB)])
@@ -266,7 +289,7 @@ def test_persistent_bitmap_survives_restart_and_new_drive_is_read_fully(
             assert second is not None and s.contents(second) == model.copy()
             _quit(mon)
         finally:
-            mon.close()
+            _close(mon)
         vm2.proc.wait(timeout=30)
         # A crash while the stored bitmap is loaded: QEMU marked it in use in the image.
         vm3 = qemu_vm([_drive(b, "scsi0", "qcow2"), _drive(c, "scsi1", "raw")],
@@ -275,7 +298,7 @@ def test_persistent_bitmap_survives_restart_and_new_drive_is_read_fully(
         try:
             model.write(mon, "scsi0", MiB, 4096, 0x43)  # allocated already: no qcow2 metadata to lose
         finally:
-            mon.close()
+            _close(mon)
         os.kill(vm3.proc.pid, 9)
         vm3.proc.wait(timeout=30)
         vm3 = qemu_vm([_drive(b, "scsi0", "qcow2"), _drive(c, "scsi1", "raw")],
@@ -288,6 +311,75 @@ def test_persistent_bitmap_survives_restart_and_new_drive_is_read_fully(
             assert third is not None and s.contents(third) == model.copy()
             assert not any(bm.get("inconsistent") for bms in _our_bitmaps(mon).values() for bm in bms)
         finally:
-            mon.close()
+            _close(mon)
     finally:
         shutil.rmtree(mon_dir2, ignore_errors=True)
+
+
+def test_stopped_vm_backs_up_incrementally_through_the_stored_bitmap(qemu: QemuBinaries, tmp_path: Path,
+                                                                     isolated_config: Path) -> None:
+    """Stop mode: each run spawns QEMU; the qcow2 keeps the bitmap between runs (QEMU tools track writes)."""
+    disk = make_image(qemu.img, qemu.io, tmp_path / "d.qcow2", "qcow2", 6 * MiB, [(0x71, 0, 3 * MiB)])
+    guests = isolated_config / "guests"
+    guests.mkdir()
+    (guests / "150.conf").write_text(
+        f"name: stopped-vm\nmemory: 64\nscsi0: {disk},format=qcow2\n\n[qmpbackup]\nqemu: {qemu.system}\n"
+        f"qmp: {tmp_path / 'nonexistent.qmp'}\n")
+    run = BackupRun(tmp_path)
+    r = run.run("150", "--output-format", "json")
+    assert r.returncode == 0, r.stderr
+    subprocess.run([str(qemu.io), "-f", "qcow2", "-c", "write -P 0x72 4M 64k", str(disk)], check=True,
+                   capture_output=True, timeout=60)
+    _next_second()
+    r = run.run("150", "--output-format", "json")
+    assert r.returncode == 0, r.stderr
+    assert "scsi0: dirty-bitmap status: OK" in r.stderr, r.stderr
+    [result] = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert result["bytes_read"] == 65536 and result["bytes_reused"] == 6 * MiB - 65536
+    out = extract(Path(result["archive"]), tmp_path / "x")
+    assert images_equal(qemu.img, out["drive-scsi0"], disk, "qcow2")
+
+
+def test_incremental_with_fleecing(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path,
+                                   isolated_config: Path) -> None:
+    """Fleecing: the job reads the snapshot through a frozen copy of the base bitmap."""
+    fleece_dir = tmp_path / "fleece"
+    fleece_dir.mkdir()
+    (isolated_config / "storage.cfg").write_text(f"dir: fast\n\tpath {fleece_dir}\n\tcontent images\n")
+    disk = make_image(qemu.img, qemu.io, tmp_path / "d.qcow2", "qcow2", 16 * MiB, [(0x61, 0, 12 * MiB)])
+    vm = qemu_vm([_drive(disk, "scsi0", "qcow2")], extra_args=monitor_args(mon_dir))
+    mon = Monitor(mon_dir / "monitor.sock")
+    s = Session(tmp_path, vm.qmp_path, qemu.img)
+    fleecing = ("--fleecing", "enabled=1,storage=fast", "--compress", "zstd")
+    try:
+        nodes_before = mon.node_names()
+        _, log, first = s.backup(*fleecing)
+        assert first is not None and "attaching fleecing image" in log
+        model = Model(s.contents(first, {"scsi0": (disk, "qcow2")}))
+        model.write(mon, "scsi0", 2 * MiB, 3 * C, 0x62)
+        model.write(mon, "scsi0", 14 * MiB + 100, 200, 0x63)
+        at_start = model.copy()
+        _next_second()
+        proc = s.run_.start(VMID, "--qmp", str(vm.qmp_path), "--output-format", "json", *fleecing,
+                            "--bwlimit", "256")
+        try:
+            _wait_jobs(mon, proc, 1)
+            model.write(mon, "scsi0", 2 * MiB + C, 4096, 0x64)  # changed area, maybe not copied yet
+            model.write(mon, "scsi0", 8 * MiB, MiB, 0x65)  # unchanged area
+            out, log = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, log
+        assert "scsi0: dirty-bitmap status: OK" in log and "attaching fleecing image" in log
+        [result] = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert result["bytes_read"] == 4 * C
+        assert s.contents(Path(result["archive"])) == at_start
+        assert mon.node_names() == nodes_before, "our nodes are gone"
+        assert [len(v) for v in _our_bitmaps(mon).values()] == [1]
+        assert not [p for p in fleece_dir.rglob("*") if p.is_file()], "no fleecing image left"
+        _, log, third = s.backup(*fleecing)
+        assert third is not None and "scsi0: dirty-bitmap status: OK" in log
+        assert s.contents(third) == model.copy()
+    finally:
+        mon.close()
