@@ -147,15 +147,8 @@ class RawImage:
                 return  # stored, but zero all the same
             self._add(offset, data, 0, limit)
             return
-        block = 0
-        while block < fmt.BLOCKS_PER_CLUSTER:
-            if not mask & (1 << block):
-                block += 1
-                continue
-            first = block
-            while block < fmt.BLOCKS_PER_CLUSTER and mask & (1 << block):
-                block += 1
-            start, end = first * fmt.BLOCK_SIZE, min(block * fmt.BLOCK_SIZE, limit)
+        for start, end in fmt.stored_runs(mask):
+            end = min(end, limit)
             if start < end:
                 self._add(offset + start, data, start, end)
 

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from typing import BinaryIO, cast
 
 from qmpbackup.compress import Decompressor, open_decompressor
-from qmpbackup.errors import QmpBackupError, UsageError
+from qmpbackup.errors import QmpBackupError
 from qmpbackup.restore.prefetch import PrefetchSource
 from qmpbackup.throttle import ThrottledSource, TokenBucket
+from qmpbackup.vma.archive_io import open_input
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,7 @@ class ArchiveStream:
 @contextlib.contextmanager
 def open_archive_stream(path: str, *, rate_bytes_per_s: float = 0.0, prefetch: bool = True) -> Iterator[ArchiveStream]:
     """Yield the decompressed stream of ``path`` (``-`` = stdin); a normal exit closes it (end checks)."""
-    raw: BinaryIO
-    if path == "-":
-        raw = sys.stdin.buffer
-    else:
-        try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed in finally
-        except OSError as exc:
-            raise UsageError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
+    raw = open_input(path)
     try:
         source = raw if rate_bytes_per_s <= 0 else cast(BinaryIO, ThrottledSource(raw, TokenBucket(rate_bytes_per_s)))
         stream = ArchiveStream(open_decompressor(source), prefetch=prefetch)

@@ -15,6 +15,19 @@ from qmpbackup.vma.reader import ByteSource
 log = logging.getLogger(__name__)
 
 
+def open_input(path: str) -> BinaryIO:
+    """The archive file ``path`` opened for reading, or standard input for ``-``.
+
+    :raise UsageError: the file cannot be opened (exit 2: the command line names it).
+    """
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise UsageError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
+
+
 @contextlib.contextmanager
 def open_archive(path: str, *, read_to_end: bool = True) -> Iterator[ByteSource]:
     """Yield a decompressed byte stream of ``path`` (``-`` = standard input).
@@ -23,14 +36,7 @@ def open_archive(path: str, *, read_to_end: bool = True) -> Iterator[ByteSource]
     ``config`` read only the header), so a decompressor that complains about
     the unread rest (a broken pipe) is not an error.
     """
-    raw: BinaryIO
-    if path == "-":
-        raw = sys.stdin.buffer
-    else:
-        try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed in finally
-        except OSError as exc:
-            raise UsageError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
+    raw = open_input(path)
     try:
         decompressor = open_decompressor(raw)
         try:

@@ -84,16 +84,8 @@ def _check_names(reader: VmaReader, devices: Sequence[DeviceInfo]) -> None:
 def _write_runs(fd: int, data: bytes, mask: int, offset: int, limit: int) -> None:
     """Write the stored blocks of one cluster (runs of set mask bits), at most ``limit`` bytes."""
     view = memoryview(data)
-    block = 0
-    while block < fmt.BLOCKS_PER_CLUSTER:
-        if not mask & (1 << block):
-            block += 1
-            continue
-        first = block
-        while block < fmt.BLOCKS_PER_CLUSTER and mask & (1 << block):
-            block += 1
-        start = first * fmt.BLOCK_SIZE
-        end = min(block * fmt.BLOCK_SIZE, limit)
+    for start, end in fmt.stored_runs(mask):
+        end = min(end, limit)
         if start < end:
             _pwrite_all(fd, view[start:end], offset + start)
 

@@ -9,6 +9,7 @@ prefix (F3), which is little-endian.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Final
 
@@ -84,3 +85,22 @@ def cluster_count(size: int) -> int:
 
 def round_up(value: int, unit: int) -> int:
     return (value + unit - 1) // unit * unit
+
+
+@functools.lru_cache(maxsize=4096)
+def stored_runs(mask: int) -> tuple[tuple[int, int], ...]:
+    """F5: byte ranges ``(start, end)`` of the blocks a mask stores, adjacent blocks merged.
+
+    Readers and writers copy or write one run at a time instead of one 4 KiB block.
+    """
+    runs: list[tuple[int, int]] = []
+    block = 0
+    while block < BLOCKS_PER_CLUSTER:
+        if mask >> block & 1:
+            first = block
+            while block < BLOCKS_PER_CLUSTER and mask >> block & 1:
+                block += 1
+            runs.append((first * BLOCK_SIZE, block * BLOCK_SIZE))
+        else:
+            block += 1
+    return tuple(runs)

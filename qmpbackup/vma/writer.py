@@ -9,7 +9,6 @@ plus a seen-cluster bitmap (1 bit per cluster).
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 import logging
 import time
@@ -29,22 +28,6 @@ _ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
 _ZERO_BLOCK = bytes(fmt.BLOCK_SIZE)
 _BLOCK_BOUNDS = tuple((j * fmt.BLOCK_SIZE, (j + 1) * fmt.BLOCK_SIZE, 1 << j) for j in range(fmt.BLOCKS_PER_CLUSTER))
 _EXTENT_BUFFER_SIZE = fmt.EXTENT_HEADER_SIZE + fmt.WRITER_SLOTS * fmt.CLUSTER_SIZE
-
-
-@functools.lru_cache(maxsize=4096)
-def _runs(mask: int) -> tuple[tuple[int, int], ...]:
-    """Byte ranges of the stored blocks of a cluster, adjacent blocks merged: one copy per run."""
-    runs: list[tuple[int, int]] = []
-    block = 0
-    while block < fmt.BLOCKS_PER_CLUSTER:
-        if mask >> block & 1:
-            first = block
-            while block < fmt.BLOCKS_PER_CLUSTER and mask >> block & 1:
-                block += 1
-            runs.append((first * fmt.BLOCK_SIZE, block * fmt.BLOCK_SIZE))
-        else:
-            block += 1
-    return tuple(runs)
 
 
 class ByteSink(Protocol):
@@ -241,7 +224,7 @@ class VmaWriter:
                     break
                 if not _ZERO_BLOCK.startswith(view[start:end]):
                     mask |= bit
-        for start, end in _runs(mask):
+        for start, end in fmt.stored_runs(mask):
             chunk = view[start:end]
             buf[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
