@@ -66,7 +66,7 @@ from qmpbackup.qemu.nodes import KIND_PAUSE
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.spawn import SpawnedQemu
 from qmpbackup.render import render_hms, render_size_decimal
-from qmpbackup.store.dumpdir import prune_after_backup
+from qmpbackup.store.dumpdir import check_backup_limit, prune_after_backup
 from qmpbackup.store.names import archive_name, log_name, temp_name
 from qmpbackup.store.notes import render_notes, write_notes
 from qmpbackup.store.protection import protect
@@ -320,6 +320,8 @@ async def _start_again(definition: GuestDefinition, tasklog: TaskLog, hook: Call
 async def _backup(req: GuestRequest, archive: Path, compression: Compression, tasklog: TaskLog,
                   result: GuestResult, hook: Callable[[str], Awaitable[None]]) -> None:
     opts = req.options
+    if not opts.remove and req.stdout is None:  # vzdump's retention pre-check, before anything else
+        check_backup_limit(req.dump_dir, req.vmid, opts.effective_prune)
     async with contextlib.AsyncExitStack() as stack:
         access = await stack.enter_async_context(_qemu_for(req, tasklog, hook))
         session, running = access.session, access.running

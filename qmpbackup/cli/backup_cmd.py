@@ -8,8 +8,11 @@ a failed guest makes the exit status 1 while the others still run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,12 @@ from qmpbackup.guest_config import GuestDefinition, guest_path, load_guest
 from fleecing.storage import fleecing_storage
 from qmpbackup.jobs.hooks import HookRunner
 from qmpbackup.jobs.jobs_cfg import find_job, load_jobs_cfg
+from qmpbackup.jobs.notify import GuestResult as MailGuest
+from qmpbackup.jobs.notify import JobReport, notify
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR, HostLock, stop_running_job
 from qmpbackup.jobs.storage_cfg import load_storage_cfg
 from qmpbackup.jobs.target import resolve_target
+from qmpbackup.jobs.vzdump_conf import VzdumpOptions
 
 log = logging.getLogger(__name__)
 task = logging.getLogger("qmpbackup.task")
@@ -112,6 +118,27 @@ def _guests(args: argparse.Namespace, ctx: Context, job_vmids: tuple[int, ...], 
     return vmids
 
 
+def _send_mail(opts: VzdumpOptions, results: list[GuestResult], definitions: dict[int, GuestDefinition | None],
+               job_id: str | None, seconds: float) -> None:
+    """vzdump's status mail (``mailto``, ``mailnotification``); a failure to send only warns."""
+    guests = []
+    for r in results:
+        lines: list[str] = []
+        if r.log:
+            with contextlib.suppress(OSError):
+                lines = Path(r.log).read_text(errors="replace").splitlines()
+        definition = definitions.get(r.vmid)
+        guests.append(MailGuest(vmid=r.vmid, ok=r.status == "ok", duration_s=r.duration_s,
+                                name=definition.name if definition else None, size=r.archive_size,
+                                filename=r.archive, error=r.error, log_lines=lines))
+    report = JobReport(hostname=os.uname().nodename, cmdline=" ".join(["qmpbackup", *sys.argv[1:]]),
+                       guests=guests, total_time_s=seconds, job_id=job_id)
+    try:
+        notify(opts, report)
+    except QmpBackupError as exc:
+        task.warning("%s", exc)
+
+
 async def _quiet_job_abort(hooks: HookRunner) -> None:
     try:
         await hooks.job_phase("job-abort")
@@ -156,6 +183,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         task.info(f"trying to get global lock - waiting... (up to {opts.lockwait_min} minutes)")
     await lock.acquire_async(opts.lockwait_min * 60)
     results: list[GuestResult] = []
+    started = time.monotonic()
     try:
         task.info(f"starting new backup job: qmpbackup backup {' '.join(sys.argv[2:])}".rstrip())
         if hooks:
@@ -185,6 +213,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         task.info("Backup job finished with errors" if failed else "Backup job finished successfully")
     finally:
         lock.release()
+    _send_mail(opts, results, definitions, args.job_id, time.monotonic() - started)
     if args.output_format == "json" and not opts.stdout:
         for result in results:  # one object per guest, one per line
             print_json_line(result.as_json())

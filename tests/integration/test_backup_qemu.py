@@ -291,3 +291,26 @@ def test_fleecing_point_in_time_and_nothing_left(qemu: QemuBinaries, qemu_vm, tm
     assert not [p for p in fleece_dir.rglob("*") if p.is_file()], "no fleecing image left"
     [archive] = run.archives()
     assert images_equal(qemu.img, extract(archive, tmp_path / "x")["drive-scsi0"], before, "qcow2")
+
+
+def test_retention_limit_and_status_mail(qemu: QemuBinaries, qemu_vm, tmp_path: Path) -> None:
+    """remove=0 refuses a backup over the retention; mailto hands a status mail to sendmail."""
+    import os
+
+    disk = make_image(qemu.img, qemu.io, tmp_path / "d.raw", "raw", 2 * MiB, [(0x42, 0, MiB)])
+    vm = qemu_vm([_drive(disk, "scsi0", "scsi", "raw", "drive")])
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    mailbox = tmp_path / "mail.txt"
+    (bindir / "sendmail").write_text(f"#!/bin/sh\necho \"ARGS: $*\" > {mailbox}\ncat >> {mailbox}\n")
+    (bindir / "sendmail").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    run = BackupRun(tmp_path)
+    r = run.run("100", "--qmp", str(vm.qmp_path), "--mailto", "admin@example.org", env=env)
+    assert r.returncode == 0, r.stderr
+    mail = mailbox.read_text()
+    assert "admin@example.org" in mail and "100" in mail
+    time.sleep(1.1)
+    r = run.run("100", "--qmp", str(vm.qmp_path), "--remove", "0", "--prune-backups", "keep-last=1")
+    assert r.returncode == 1 and "max backup limit of 1" in r.stderr, r.stderr
+    assert len(run.archives()) == 1
