@@ -168,9 +168,9 @@ async def backup_guest(req: GuestRequest) -> GuestResult:
             tasklog.error(f"Backup of VM {req.vmid} failed - interrupted by signal")
             await _quietly(hook("backup-abort"), tasklog)
             raise
-        except QmpBackupError as exc:
-            result.error = str(exc)
-            tasklog.error(f"Backup of VM {req.vmid} failed - {exc}")
+        except (QmpBackupError, OSError) as exc:  # OSError: the dump storage (full, gone, read-only)
+            result.error = _describe(exc)
+            tasklog.error(f"Backup of VM {req.vmid} failed - {result.error}")
             tasklog.info(f"Failed at {datetime.now():%Y-%m-%d %H:%M:%S}")
             await _quietly(hook("backup-abort"), tasklog)
         else:
@@ -183,6 +183,12 @@ async def backup_guest(req: GuestRequest) -> GuestResult:
         tasklog.close()
     await _quietly(hook("log-end"), None)
     return result
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 async def _quietly(step: Awaitable[None], tasklog: TaskLog | None) -> None:

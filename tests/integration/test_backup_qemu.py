@@ -185,6 +185,7 @@ def test_full_dump_dir_fails_cleanly(qemu: QemuBinaries, qemu_vm, tmp_path: Path
         r = run.run("100", "--qmp", str(vm.qmp_path))
         assert r.returncode == 1, r.stderr
         assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+        assert "ERROR: Backup of VM 100 failed - " in r.stderr and "internal error" not in r.stderr
         assert not run.leftovers() and not run.archives()
         assert mon.node_names() == nodes_before
         assert mon.cmd("query-block-jobs") == []
