@@ -56,11 +56,3 @@ def render_size_decimal(size: int) -> str:
             return f"{int(value)}{unit}" if unit == "B" else f"{value:.2f}{unit}"
         value /= 1000
     raise AssertionError("unreachable")
-
-
-def render_disk_size(size: int) -> str:
-    """``32G``, ``512M``, ``540672``: Proxmox's compact size in ``include disk`` lines."""
-    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return str(size)

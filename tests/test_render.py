@@ -4,7 +4,6 @@ import pytest
 
 from qmpbackup.render import (
     render_bytes,
-    render_disk_size,
     render_duration,
     render_hms,
     render_rate,
@@ -34,9 +33,6 @@ def test_rate_and_durations() -> None:
     assert render_hms(118) == "00:01:58"
 
 
-def test_decimal_and_disk_sizes() -> None:
+def test_decimal_sizes() -> None:
     assert render_size_decimal(5_200_000_000) == "5.20GB"
     assert render_size_decimal(512) == "512B"
-    assert render_disk_size(32 << 30) == "32G"
-    assert render_disk_size(540672) == "528K"
-    assert render_disk_size(1000) == "1000"

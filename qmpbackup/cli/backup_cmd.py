@@ -179,8 +179,6 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     if hooks:
         await hooks.job_phase("job-init", explicit_dumpdir=opts.dumpdir is not None)
     lock = HostLock(args.run_dir)
-    if opts.lockwait_min:
-        task.info(f"trying to get global lock - waiting... (up to {opts.lockwait_min} minutes)")
     await lock.acquire_async(opts.lockwait_min * 60)
     results: list[GuestResult] = []
     started = time.monotonic()

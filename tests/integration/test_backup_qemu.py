@@ -21,6 +21,7 @@ import pytest
 from tests.support.backup import (
     BackupRun,
     Monitor,
+    dir_fleecing_storage,
     extract,
     images_equal,
     make_image,
@@ -264,9 +265,7 @@ def test_hook_script_phases_and_environment(qemu: QemuBinaries, qemu_vm, tmp_pat
 def test_fleecing_point_in_time_and_nothing_left(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path,
                                                  isolated_config: Path) -> None:
     """Fleecing on a dir storage: the guest's old data goes to a fleecing image, not to the target."""
-    fleece_dir = tmp_path / "fleece"
-    fleece_dir.mkdir()
-    (isolated_config / "storage.cfg").write_text(f"dir: fast\n\tpath {fleece_dir}\n\tcontent images\n")
+    fleece_dir = dir_fleecing_storage(isolated_config, tmp_path / "fleece")
     disk = make_image(qemu.img, qemu.io, tmp_path / "d.qcow2", "qcow2", 24 * MiB, [(0x42, 0, 24 * MiB)])
     [before] = _snapshot([disk], tmp_path / "before")
     vm = qemu_vm([_drive(disk, "scsi0", "scsi", "qcow2", "drive")], extra_args=monitor_args(mon_dir))

@@ -20,7 +20,16 @@ from typing import Any
 
 import pytest
 
-from tests.support.backup import BackupRun, Monitor, extract, images_equal, make_image, monitor_args, random_fill
+from tests.support.backup import (
+    BackupRun,
+    Monitor,
+    dir_fleecing_storage,
+    extract,
+    images_equal,
+    make_image,
+    monitor_args,
+    random_fill,
+)
 from tests.support.qemu import DriveSpec, QemuBinaries
 
 pytestmark = pytest.mark.qemu
@@ -343,9 +352,7 @@ def test_stopped_vm_backs_up_incrementally_through_the_stored_bitmap(qemu: QemuB
 def test_incremental_with_fleecing(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path,
                                    isolated_config: Path) -> None:
     """Fleecing: the job reads the snapshot through a frozen copy of the base bitmap."""
-    fleece_dir = tmp_path / "fleece"
-    fleece_dir.mkdir()
-    (isolated_config / "storage.cfg").write_text(f"dir: fast\n\tpath {fleece_dir}\n\tcontent images\n")
+    fleece_dir = dir_fleecing_storage(isolated_config, tmp_path / "fleece")
     disk = make_image(qemu.img, qemu.io, tmp_path / "d.qcow2", "qcow2", 16 * MiB, [(0x61, 0, 12 * MiB)])
     vm = qemu_vm([_drive(disk, "scsi0", "qcow2")], extra_args=monitor_args(mon_dir))
     mon = Monitor(mon_dir / "monitor.sock")

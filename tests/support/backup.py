@@ -134,3 +134,10 @@ def random_fill(path: Path, offset: int, length: int) -> None:
     with path.open("r+b") as f:
         f.seek(offset)
         f.write(os.urandom(length))
+
+
+def dir_fleecing_storage(config_dir: Path, path: Path, storeid: str = "fast") -> Path:
+    """A ``dir`` storage for fleecing images in ``config_dir``'s storage.cfg; returns its folder."""
+    path.mkdir()
+    (config_dir / "storage.cfg").write_text(f"dir: {storeid}\n\tpath {path}\n\tcontent images\n")
+    return path
