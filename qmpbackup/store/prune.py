@@ -77,21 +77,21 @@ def parse_prune_spec(value: str) -> PruneOptions:
         key, eq, raw = part.partition("=")
         key = key.strip()
         if key != "keep-all" and key not in KEEP_OPTIONS:
-            raise PruneSpecError(f"prune-backups: unknown option {key!r}")
+            raise PruneSpecError(f"unknown option {key!r}")
         if not eq:
-            raise PruneSpecError(f"prune-backups: {key} needs a value")
+            raise PruneSpecError(f"{key} needs a value")
         if key in settings:
-            raise PruneSpecError(f"prune-backups: {key} given twice")
+            raise PruneSpecError(f"{key} given twice")
         try:
             number = int(raw.strip(), 10)
         except ValueError:
-            raise PruneSpecError(f"prune-backups: {key}={raw!r} is not an integer") from None
+            raise PruneSpecError(f"{key}={raw!r} is not an integer") from None
         if number < 0 or (key == "keep-all" and number > 1):
-            raise PruneSpecError(f"prune-backups: {key}={number} is out of range")
+            raise PruneSpecError(f"{key}={number} is out of range")
         settings[key] = number
     keep_all = settings.pop("keep-all", 0) == 1
     if keep_all and any(settings.values()):
-        raise PruneSpecError("prune-backups: keep-all cannot be combined with other keep options")
+        raise PruneSpecError("keep-all cannot be combined with other keep options")
     options = PruneOptions(keep_all=keep_all, **{_attr(k): v for k, v in settings.items()})
     return KEEP_ALL if options.keeps_everything() else options
 
