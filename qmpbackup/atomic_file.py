@@ -12,13 +12,15 @@ but fell to 0.3-0.5 GB/s in most runs after 8 s of idling (the host takes back
 the guest's free memory and page-cache growth has to reclaim it); 128 KiB
 writes were hit as hard as 4 MiB ones. O_DIRECT writes of 4 MiB ran at
 2.0-2.9 GB/s warm and after idling. So :class:`OutputFile` collects the stream
-in a 4 MiB page-aligned buffer and writes it with O_DIRECT; only the unaligned
-tail at the end goes through the page cache. File systems without O_DIRECT
+in 4 MiB page-aligned buffers that a thread of its own writes with O_DIRECT
+while the caller fills the next; only the unaligned tail at the end goes
+through the page cache. File systems without O_DIRECT
 get plain writes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -26,11 +28,13 @@ import io
 import logging
 import mmap
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.ionice import ThreadIonice
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,11 @@ DIRECT_CHUNK = 4 << 20
 """Bytes per O_DIRECT write (2-4 MiB measured fastest; 16 MiB was slower)."""
 DIRECT_ALIGN = 4096
 """Offset/length alignment for O_DIRECT that suits 512-byte and 4 KiB sector devices."""
+WRITE_BEHIND_BUFFERS = 3
+"""One buffer being filled, one being written, one queued."""
+STOP_TIMEOUT_S = 30.0
+"""How long an abandoned output waits for a write in progress before leaving its thread behind."""
+WAIT_POLL_S = 1.0
 
 
 class OutputExistsError(QmpBackupError):
@@ -48,41 +57,168 @@ class OutputExistsError(QmpBackupError):
         super().__init__(message)
 
 
+class _BackgroundWriter:
+    """Writes full aligned buffers on one thread while the caller fills the next one.
+
+    The data path (NBD receive, VMA assembly, compression) runs on the caller's
+    thread; a synchronous O_DIRECT write stalls it for as long as the disk takes,
+    and QEMU's job waits with it. Handing each full buffer to this thread
+    overlaps the two. A failed write is kept and raised on the caller's next
+    wait for a buffer, or when it stops the writer.
+    """
+
+    def __init__(self, fd: int, name: str, ionice: int | None) -> None:
+        self._fd = fd
+        self._ionice = ionice
+        self._cond = threading.Condition()
+        self._todo: collections.deque[tuple[memoryview, int]] = collections.deque()
+        self._maps = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(WRITE_BEHIND_BUFFERS)]
+        self._free = [memoryview(m) for m in self._maps]
+        self._busy = False
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"write {name}", daemon=True)
+        self._thread.start()
+
+    def take(self) -> memoryview:
+        """An empty buffer; waits while every buffer is queued or being written."""
+        with self._cond:
+            self._wait(lambda: bool(self._free))
+            return self._free.pop()
+
+    def submit(self, buf: memoryview, length: int) -> None:
+        """Queue the first ``length`` (aligned) bytes of ``buf``; the buffer comes back through take()."""
+        with self._cond:
+            self._todo.append((buf, length))
+            self._cond.notify_all()
+
+    def give_back(self, buf: memoryview) -> None:
+        """Return a buffer that was taken and not submitted."""
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify_all()
+
+    def wait_idle(self) -> None:
+        """Wait until everything submitted is written; raises the first write error."""
+        with self._cond:
+            self._wait(lambda: not self._todo and not self._busy)
+
+    def stop(self, *, abandon: bool) -> None:
+        """End the thread and free the buffers; ``abandon`` drops what is queued and any error.
+
+        Without ``abandon`` it waits for every queued write and raises the first error.
+        """
+        with self._cond:
+            self._stopping = True
+            if abandon:
+                while self._todo:
+                    self._free.append(self._todo.popleft()[0])
+            self._cond.notify_all()
+        self._thread.join(STOP_TIMEOUT_S if abandon else None)
+        if self._thread.is_alive():
+            # A write hangs (a dead network file system): the thread keeps its buffers.
+            log.warning("archive writer thread still busy after %.0f s; leaving it behind", STOP_TIMEOUT_S)
+            return
+        # Dropped, not closed: a stored error's traceback may still reference a slice.
+        self._free.clear()
+        self._maps.clear()
+        if not abandon:
+            self._raise_error()
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        # No deadline: a slow disk is not an error, and the thread never ends without
+        # setting _error or being told to stop.
+        while True:
+            self._raise_error()
+            if ready():
+                return
+            self._cond.wait(WAIT_POLL_S)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        try:
+            ThreadIonice(self._ionice).enter_current()
+        except QmpBackupError as exc:
+            self._error = exc
+        while True:
+            with self._cond:
+                while not self._todo and not self._stopping:
+                    self._cond.wait()
+                if not self._todo:
+                    self._cond.notify_all()
+                    return
+                buf, length = self._todo.popleft()
+                self._busy = True
+            try:
+                if self._error is None:
+                    _write_aligned(self._fd, buf[:length])
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error = exc
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._free.append(buf)
+                    self._cond.notify_all()
+
+
+def _write_aligned(fd: int, view: memoryview) -> None:
+    """Write with O_DIRECT; after a short write (the disk filled up) the rest goes buffered."""
+    done = 0
+    while done < len(view):
+        if done % DIRECT_ALIGN:
+            _end_direct(fd)
+        done += os.write(fd, view[done:])
+
+
+def _end_direct(fd: int) -> None:
+    """Clear O_DIRECT on the descriptor."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if flags & os.O_DIRECT:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+
+
 class OutputFile(io.FileIO):
     """A write-only file that sends the stream out in aligned O_DIRECT chunks when it can.
 
     Callers may write any sizes; the data is copied into an aligned buffer, so a
-    caller can reuse its buffer right after ``write`` returns. ``flush`` writes
+    caller can reuse its buffer right after ``write`` returns. Full buffers go
+    to a :class:`_BackgroundWriter`, so a write error may surface on a later
+    call (at the latest on ``flush``, ``sync`` or ``close``). ``flush`` writes
     only the aligned part of the buffer (the rest follows on ``close``).
     Asking for :meth:`fileno` ends direct mode first, because whoever writes to
     the descriptor itself (a child compressor) writes unaligned data.
     """
 
-    def __init__(self, fd: int, name: str, *, direct: bool) -> None:
+    def __init__(self, fd: int, name: str, *, direct: bool, ionice: int | None = None) -> None:
         super().__init__(fd, "wb", closefd=True)
         self._display_name = name
-        self._buf: mmap.mmap | None = None
-        self._fill = 0
+        self._writer: _BackgroundWriter | None = None
         self._view = memoryview(b"")
+        self._fill = 0
+        self._position = 0
         if direct:
-            self._buf = mmap.mmap(-1, DIRECT_CHUNK)
-            self._view = memoryview(self._buf)
+            self._position = os.lseek(fd, 0, os.SEEK_CUR)
+            self._writer = _BackgroundWriter(fd, name, ionice)
+            self._view = self._writer.take()
 
     @property
     def direct(self) -> bool:
         """Whether writes still go out with O_DIRECT."""
-        return self._buf is not None
+        return self._writer is not None
 
     def seekable(self) -> bool:
         return False
 
     def tell(self) -> int:
-        return super().tell() + self._fill
+        return self._position if self._writer is not None else super().tell()
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
         size = len(view)
-        if self._buf is None:
+        if self._writer is None:
             self._write_all(view)
             return size
         pos = 0
@@ -92,7 +228,8 @@ class OutputFile(io.FileIO):
             self._fill += take
             pos += take
             if self._fill == DIRECT_CHUNK:
-                self._write_direct(DIRECT_CHUNK)
+                self._hand_over(DIRECT_CHUNK)
+        self._position += size
         return size
 
     def _write_all(self, view: memoryview) -> None:
@@ -101,45 +238,41 @@ class OutputFile(io.FileIO):
             written = os.write(fd, view)
             view = view[written:]
 
-    def _write_direct(self, length: int) -> None:
-        """Write the first ``length`` (aligned) bytes of the buffer and keep the rest."""
-        fd = super().fileno()
-        done = 0
-        while done < length:
-            if done % DIRECT_ALIGN:
-                # A short write left us unaligned (rare: the disk filled up): go on buffered.
-                self._end_direct()
-            done += os.write(fd, self._view[done:length])
-        rest = self._fill - length
+    def _hand_over(self, length: int) -> None:
+        """Queue the first ``length`` (aligned) bytes of the buffer; the rest moves to a fresh one."""
+        assert self._writer is not None
+        full, fill = self._view, self._fill
+        self._writer.submit(full, length)
+        self._view, self._fill = memoryview(b""), 0
+        self._view = self._writer.take()
+        rest = fill - length
         if rest:
-            self._view[:rest] = self._view[length : self._fill]
+            self._view[:rest] = full[length:fill]  # the writer only reads full[:length]
         self._fill = rest
 
-    def _end_direct(self) -> None:
-        """Clear O_DIRECT on the descriptor; pending bytes stay in the buffer for the caller."""
-        fd = super().fileno()
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-
-    def _drain(self) -> None:
-        """Write everything buffered and leave direct mode for good."""
-        if self._buf is None:
+    def _drain(self, *, abandon: bool = False) -> None:
+        """Write everything buffered (unless abandoning it) and leave direct mode for good."""
+        writer, view, fill = self._writer, self._view, self._fill
+        if writer is None:
             return
-        aligned = self._fill - self._fill % DIRECT_ALIGN
-        if aligned:
-            self._write_direct(aligned)
-        self._end_direct()
-        buf, self._buf, fill = self._buf, None, self._fill
-        self._fill = 0
-        self._write_all(self._view[:fill])
-        self._view.release()
-        buf.close()
+        self._writer, self._view, self._fill = None, memoryview(b""), 0
+        aligned = fill - fill % DIRECT_ALIGN
+        tail = bytes(view[aligned:fill])
+        if aligned and not abandon:
+            writer.submit(view, aligned)
+        else:
+            writer.give_back(view)
+        writer.stop(abandon=abandon)
+        _end_direct(super().fileno())
+        if not abandon:
+            self._write_all(memoryview(tail))
 
     def flush(self) -> None:
-        if self._buf is not None and not self.closed:
+        if self._writer is not None and not self.closed:
             aligned = self._fill - self._fill % DIRECT_ALIGN
             if aligned:
-                self._write_direct(aligned)
+                self._hand_over(aligned)
+            self._writer.wait_idle()
         super().flush()
 
     def fileno(self) -> int:
@@ -162,18 +295,16 @@ class OutputFile(io.FileIO):
 
     def discard(self) -> None:
         """Close without writing the buffer (the file is being thrown away)."""
-        if self._buf is not None:
-            self._view.release()
-            self._buf.close()
-            self._buf = None
-            self._fill = 0
-        super().close()
+        try:
+            self._drain(abandon=True)
+        finally:
+            super().close()
 
     def __repr__(self) -> str:
         return f"<OutputFile {self._display_name} direct={self.direct}>"
 
 
-def _open_temp(temp: Path) -> OutputFile:
+def _open_temp(temp: Path, ionice: int | None) -> OutputFile:
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except FileExistsError as exc:
@@ -188,7 +319,7 @@ def _open_temp(temp: Path) -> OutputFile:
         log.debug("O_DIRECT not available for %s (%s): writing through the page cache", temp, exc)
         direct = False
     try:
-        return OutputFile(fd, str(temp), direct=direct)
+        return OutputFile(fd, str(temp), direct=direct, ionice=ionice)
     except BaseException:
         os.close(fd)
         raise
@@ -221,16 +352,17 @@ def fsync_directory(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(final: Path, temp: Path) -> Iterator[BinaryIO]:
+def atomic_output(final: Path, temp: Path, *, ionice: int | None = None) -> Iterator[BinaryIO]:
     """Yield ``temp`` opened for writing (O_EXCL); on success make it durable and rename it to ``final``.
 
     On any exception, including cancellation, the temporary file is removed and
-    the exception re-raised. Raises OutputExistsError when ``final`` or ``temp``
+    the exception re-raised. ``ionice`` (vzdump's 0-8) is given to the thread that
+    writes the file. Raises OutputExistsError when ``final`` or ``temp``
     already exists; OSError from the file system as it comes.
     """
     if final.exists():
         raise OutputExistsError(f"{final} already exists; not overwriting it", final)
-    out = _open_temp(temp)
+    out = _open_temp(temp, ionice)
     try:
         yield out
         out.sync()

@@ -5,13 +5,18 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
 import subprocess
+import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
+from qmpbackup import atomic_file
 from qmpbackup.atomic_file import DIRECT_CHUNK, OutputExistsError, OutputFile, atomic_output
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.ionice import get_priority
 
 
 def test_success_publishes_final_and_removes_temp(tmp_path: Path) -> None:
@@ -120,3 +125,58 @@ def test_fileno_hands_over_to_a_child_writer(tmp_path: Path) -> None:
         assert isinstance(out, OutputFile) and not out.direct
         out.write(b"B" * 3)
     assert final.read_bytes() == b"A" * 5000 + b"child" + b"BBB"
+
+
+def test_many_odd_writes_and_flushes_keep_order_and_position(tmp_path: Path) -> None:
+    """The background writer gets full buffers and flushed aligned parts in the order written."""
+    if not supports_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path} has no O_DIRECT")
+    rng = random.Random(5)
+    expected = bytearray()
+    with atomic_output(tmp_path / "o", tmp_path / "o.dat") as out:
+        for step in range(60):
+            piece = rng.randbytes(rng.choice((1, 4095, 65536, DIRECT_CHUNK - 3, 300_000)))
+            out.write(piece)
+            expected += piece
+            assert out.tell() == len(expected)
+            if step % 7 == 0:
+                out.flush()
+    assert (tmp_path / "o").read_bytes() == expected
+
+
+def test_a_failed_background_write_fails_the_output_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not supports_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path} has no O_DIRECT")
+
+    def disk_full(fd: int, view: memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic_file, "_write_aligned", disk_full)
+    final, temp = tmp_path / "f", tmp_path / "f.dat"
+    with pytest.raises(OSError, match="No space left") as err, atomic_output(final, temp) as out:
+        for _ in range(8):
+            out.write(bytes(DIRECT_CHUNK))
+    assert err.value.errno == errno.ENOSPC
+    assert not final.exists() and not temp.exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("write ")]
+
+
+def test_the_writer_thread_carries_the_ionice_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not supports_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path} has no O_DIRECT")
+    seen: list[tuple[int, int]] = []
+    real = atomic_file._write_aligned
+
+    def record(fd: int, view: memoryview) -> None:
+        tid = threading.get_native_id()
+        seen.append((get_priority(tid).ioclass, tid))
+        real(fd, view)
+
+    monkeypatch.setattr(atomic_file, "_write_aligned", record)
+    with atomic_output(tmp_path / "i", tmp_path / "i.dat", ionice=8) as out:
+        out.write(bytes(DIRECT_CHUNK + 4096))
+    assert seen and all(ioclass == int(psutil.IOPRIO_CLASS_IDLE) for ioclass, _ in seen)
+    assert all(tid != threading.get_native_id() for _, tid in seen)
+    assert get_priority(threading.get_native_id()).ioclass != int(psutil.IOPRIO_CLASS_IDLE)

@@ -385,7 +385,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
         devices = [DeviceSpec(j.key, vma_device_name(j.key), j.size, j.export) for j in jobs]
 
         output = (contextlib.nullcontext(req.stdout) if req.stdout is not None
-                  else atomic_output(archive, temp_name(archive)))
+                  else atomic_output(archive, temp_name(archive), ionice=opts.ionice))
         with output as out:
             datapath = ArchiveDataPath(out, compression, compress_options(opts), configs, devices,
                                        rundir / "nbd.sock", str(req.vmid),

@@ -10,6 +10,8 @@ Decisions (see the module docs of :mod:`qmpbackup.nbd`):
   (clusters already went to the archive) would be wrong.
 * WRITE_ZEROES with FAST_ZERO gets ENOTSUP (SEND_FAST_ZERO is not advertised, so QEMU's
   pre-zeroing falls back to plain writes). NO_HOLE changes nothing: zeroes are zeroes to us.
+* Replies to pipelined requests are sent in batches (up to ``MAX_HELD_REPLIES``) once no
+  further request is waiting; a client never waits for a held reply.
 * Requests are handled one at a time in arrival order; pipelined requests wait in the socket
   buffer, which bounds memory to one receive buffer of the largest request seen (at most the
   advertised maximum). A larger request is a protocol violation: its payload cannot be skipped
@@ -38,6 +40,8 @@ TRANSMISSION_FLAGS: Final = (
 MIN_BLOCK: Final = 1
 PREFERRED_BLOCK: Final = 64 * 1024
 MAX_REQUEST: Final = 32 * 1024 * 1024
+MAX_HELD_REPLIES: Final = 16
+"""Replies held while more requests are waiting (see ``Connection._next_request``)."""
 _KNOWN_CLIENT_FLAGS: Final = proto.FLAG_C_FIXED_NEWSTYLE | proto.FLAG_C_NO_ZEROES
 _WRITE_FLAGS: Final = CmdFlag.FUA
 _ZERO_FLAGS: Final = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO
@@ -224,8 +228,9 @@ class Connection:
         unpack = proto.REQUEST.unpack
         reply = proto.SIMPLE_REPLY.pack
         size = export.size
+        replies: list[bytes] = []
         while True:
-            await self._recv_into(hview, boundary=True)
+            await self._next_request(hview, replies)
             magic, flags, cmd, cookie, offset, length = unpack(header)
             if magic != proto.REQUEST_MAGIC:
                 raise NbdProtocolError(f"request magic {magic:#x}", export.name)
@@ -270,11 +275,42 @@ class Connection:
                 error = await self._call(consumer.flush(), export.name, "FLUSH")
             elif cmd == Cmd.DISC:
                 log.debug("%s: NBD_CMD_DISC after %d requests", self._label, self.requests)
+                await self._send_replies(replies)
                 return
             else:  # READ (write-only export), CACHE, BLOCK_STATUS, RESIZE, unknown
                 log.debug("%s: refusing command %d with EINVAL", self._label, cmd)
                 error = Errno.EINVAL
-            await self._loop.sock_sendall(self._sock, reply(proto.SIMPLE_REPLY_MAGIC, error, cookie))
+            replies.append(reply(proto.SIMPLE_REPLY_MAGIC, error, cookie))
+            if len(replies) >= MAX_HELD_REPLIES:
+                await self._send_replies(replies)
+
+    async def _next_request(self, hview: memoryview, replies: list[bytes]) -> None:
+        """Read the next request header, sending the held replies first if it has not arrived.
+
+        Replies to requests that were already waiting in the socket go out together
+        once the socket is drained: one send and one wake-up of the client instead of
+        one per request. A client that waits for a reply never waits long, because
+        nothing is held while we wait for it.
+        """
+        try:
+            got = self._sock.recv_into(hview)
+        except BlockingIOError:
+            got = -1
+        if got == len(hview):
+            return
+        if got == 0:
+            raise _ClientGone(clean=True)
+        await self._send_replies(replies)
+        if got > 0:
+            await self._recv_into(hview[got:])
+        else:
+            await self._recv_into(hview, boundary=True)
+
+    async def _send_replies(self, replies: list[bytes]) -> None:
+        if replies:
+            data = b"".join(replies)
+            replies.clear()
+            await self._loop.sock_sendall(self._sock, data)
 
     async def _call(self, call: Awaitable[None], export: str, what: str) -> Errno:
         """Await one consumer coroutine; an exception becomes EIO plus a recorded failure."""

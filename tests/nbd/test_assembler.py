@@ -60,26 +60,29 @@ def test_partial_clusters_are_held_until_complete() -> None:
     assert asm.partial_clusters == 1
     assert sink.clusters[(1, 0)] == bytes(100) + b"a" * 200 + bytes(C - 400) + b"b" * 100
     with pytest.raises(PointInTimeError, match="cannot be compared"):
-        asm.write_sync(150, b"a" * 50)              # even identical: only a checksum is kept
+        asm.write_sync(150, b"a" * 50)              # even identical: the first copy is gone
     asm.finish()                                    # cluster 1: gaps zero
     assert sink.clusters[(1, 1)] == b"b" * 100 + bytes(C - 100)
 
 
-def test_identical_rewrite_is_ignored_different_is_an_error() -> None:
+def test_only_zeroes_may_come_again() -> None:
+    """QEMU never writes a cluster twice; a repeat is fine only when it is zeroes over zeroes."""
     sink = RecordingSink()
     asm = ClusterAssembler(sink, 1, 4 * C, name="drive-virtio1")
     asm.write_sync(0, b"x" * 2 * C)
-    asm.write_sync(C, b"x" * C)                     # same whole cluster again
     asm.write_zeroes_sync(2 * C, C)
     asm.write_sync(2 * C, bytes(C))                 # zeroes again as data
     asm.write_sync(2 * C + 5, bytes(10))            # part of a zero cluster, zero again
+    asm.write_zeroes_sync(2 * C, C)
     assert asm.stats.duplicate_bytes == 2 * C + 10
-    with pytest.raises(PointInTimeError, match=r"drive-virtio1: cluster 1 \(offset 65536\)"):
-        asm.write_sync(C, b"y" * C)
+    with pytest.raises(PointInTimeError, match=r"drive-virtio1: cluster 1 \(offset 65536\).*cannot be compared"):
+        asm.write_sync(C, b"x" * C)                 # even identical data: the first copy is gone
     with pytest.raises(PointInTimeError, match="cannot be compared"):
         asm.write_sync(10, b"x" * 10)
     with pytest.raises(PointInTimeError):
-        asm.write_zeroes_sync(0, C)
+        asm.write_zeroes_sync(0, C)                 # zeroes over data
+    with pytest.raises(PointInTimeError):
+        asm.write_sync(2 * C, b"y" * C)             # data over zeroes
     asm.write_sync(3 * C + 10, b"p" * 10)
     with pytest.raises(PointInTimeError, match="byte 15"):
         asm.write_sync(3 * C, b"p" * 15 + b"q" * 10)
