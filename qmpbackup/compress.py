@@ -36,6 +36,7 @@ import zstandard
 
 from qmpbackup.errors import QmpBackupError, StateError, UsageError
 from qmpbackup.ionice import ThreadIonice, apply_ionice, io_priority
+from qmpbackup.zstd_frames import FrameError, FramedZstdWriter
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ MAGIC_LEN: Final = len(LZOP_MAGIC)
 
 ZSTD_LEVEL: Final = 3
 """The zstd command's default level, which vzdump uses."""
-ZSTD_WRITE_SIZE: Final = 128 << 10
-"""Compressed bytes per write to the destination (the destination file coalesces them)."""
 READ_CHUNK: Final = 1 << 20
 """Compressed input per read, and the most decompressed output buffered at once."""
 PIPE_SIZE: Final = 1 << 20
@@ -282,6 +281,16 @@ class Compressor(abc.ABC):
         self._ionice.enter_current()
         self._write(data)
 
+    #: Whether :meth:`write_frame` takes frames of another zstd archive (see qmpbackup.zstd_frames).
+    takes_frames = False
+
+    def end_frame(self) -> None:
+        """A good place to cut the compressed stream (the VMA writer calls it between extent parts)."""
+
+    def write_frame(self, frame: bytes | memoryview) -> None:
+        """Put a complete compressed frame next in the stream (only where ``takes_frames``)."""
+        raise StateError(f"{self.compression.value} compressor", "not framed", "framed")
+
     def close(self) -> None:
         """Finish the compressed stream; raises CompressError if the compressor failed. Idempotent."""
         if not self._open:
@@ -355,31 +364,34 @@ class _PlainCompressor(Compressor):
 
 
 class _ZstdCompressor(Compressor):
-    """zstd in-process: one frame with a content checksum (the zstd command writes one too)."""
+    """zstd in-process, as independent frames with content checksums (:mod:`qmpbackup.zstd_frames`)."""
+
+    takes_frames = True
 
     def __init__(self, dest: IO[bytes], threads: int, ionice: int | None) -> None:
         super().__init__(Compression.ZSTD, ionice)
         self._dest = dest
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads, write_checksum=True)
-        self._writer = cctx.stream_writer(dest, write_size=ZSTD_WRITE_SIZE, closefd=False)
+        self._writer = FramedZstdWriter(dest, threads, ZSTD_LEVEL)
         log.debug("zstd level %d with %d threads", ZSTD_LEVEL, threads)
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._writer.write(data)
-        except zstandard.ZstdError as exc:
-            raise CompressError(f"zstd compression failed: {exc}", program="zstd") from exc
+        self._writer.write(data)
+
+    def end_frame(self) -> None:
+        self._writer.end_frame()
+
+    def write_frame(self, frame: bytes | memoryview) -> None:
+        self._writer.write_frame(frame)
 
     def _finish(self) -> None:
         try:
-            self._writer.close()  # type: ignore[no-untyped-call]
-        except zstandard.ZstdError as exc:
-            raise CompressError(f"zstd compression failed: {exc}", program="zstd") from exc
+            self._writer.close()
+        except FrameError as exc:
+            raise CompressError(str(exc), program="zstd") from exc
         self._dest.flush()
 
     def _abort(self) -> None:
-        # Leave the frame unfinished; the caller throws the destination away.
-        del self._writer
+        self._writer.abort()
 
 
 class _ChildCompressor(Compressor):
@@ -489,6 +501,35 @@ class Decompressor(abc.ABC):
         self._pos += n
         return data
 
+    def readinto(self, buffer: memoryview, /) -> int:
+        """Decompress into ``buffer`` (up to its length, fewer is possible); 0 at the end of the stream.
+
+        Saves a copy where the consumer needs the data in memory of its own
+        (restore decompresses into page-aligned buffers for ``O_DIRECT``).
+        """
+        if self._closed:
+            raise StateError(f"{self.compression.value} decompressor read", "closed", "open")
+        if self._eof:
+            return 0
+        if self._pos < len(self._buf):
+            take = min(len(buffer), len(self._buf) - self._pos)
+            buffer[:take] = memoryview(self._buf)[self._pos : self._pos + take]
+            self._pos += take
+            return take
+        n = self._fill(buffer)
+        if n == 0 and len(buffer):
+            self._eof = True
+        return n
+
+    def _fill(self, buffer: memoryview) -> int:
+        """Straight into ``buffer``; 0 only at the verified end (subclasses that can avoid the copy do)."""
+        data = self._next_chunk(len(buffer))
+        take = min(len(data), len(buffer))
+        buffer[:take] = memoryview(data)[:take]
+        if take < len(data):
+            self._buf, self._pos = data, take
+        return take
+
     @property
     def at_eof(self) -> bool:
         """Whether the whole stream was read and verified."""
@@ -536,8 +577,8 @@ class Decompressor(abc.ABC):
         return f"<{type(self).__name__} {self.compression.value}>"
 
     @abc.abstractmethod
-    def _next_chunk(self) -> bytes:
-        """The next piece of output (at most about READ_CHUNK), b"" at the verified end."""
+    def _next_chunk(self, size: int = READ_CHUNK) -> bytes:
+        """The next piece of output (at most about ``size``), b"" at the verified end."""
 
     def _release(self) -> None:
         pass
@@ -552,9 +593,21 @@ class _HeadThenSource:
 
     def read(self, n: int = READ_CHUNK) -> bytes:
         if self._head:
-            data, self._head = self._head, b""
+            data, self._head = self._head[:n], self._head[n:]
             return data
         return self._source.read(n)
+
+    def readinto(self, buffer: memoryview) -> int:
+        readinto = getattr(self._source, "readinto", None)
+        if self._head or readinto is None:
+            data = self.read(len(buffer))
+            take = min(len(data), len(buffer))
+            buffer[:take] = memoryview(data)[:take]
+            if take < len(data):
+                self._head = data[take:]
+            return take
+        n: int | None = readinto(buffer)
+        return n or 0
 
 
 class _PlainDecompressor(Decompressor):
@@ -571,8 +624,11 @@ class _PlainDecompressor(Decompressor):
             self._eof = True
         return data
 
-    def _next_chunk(self) -> bytes:
-        return self._input.read(READ_CHUNK)
+    def _next_chunk(self, size: int = READ_CHUNK) -> bytes:
+        return self._input.read(size)
+
+    def _fill(self, buffer: memoryview) -> int:
+        return self._input.readinto(buffer)
 
 
 class _ZstdFraming:
@@ -689,17 +745,28 @@ class _ZstdDecompressor(Decompressor):
             cast(IO[bytes], self._input), read_size=READ_CHUNK, read_across_frames=True, closefd=False
         )
 
-    def _next_chunk(self) -> bytes:
+    def _next_chunk(self, size: int = READ_CHUNK) -> bytes:
         try:
-            data: bytes = self._reader.read(READ_CHUNK)
+            data: bytes = self._reader.read(size)
         except zstandard.ZstdError as exc:
             raise CompressError(f"corrupt zstd data: {exc}", program="zstd") from exc
+        self._check(len(data))
+        return data
+
+    def _fill(self, buffer: memoryview) -> int:
+        try:
+            n: int = self._reader.readinto(buffer)
+        except zstandard.ZstdError as exc:
+            raise CompressError(f"corrupt zstd data: {exc}", program="zstd") from exc
+        self._check(n)
+        return n
+
+    def _check(self, produced: int) -> None:
         framing = self._input.framing
         if framing.error is not None:
             raise CompressError(f"corrupt zstd data: {framing.error}", program="zstd")
-        if not data and not framing.complete:
+        if not produced and not framing.complete:
             raise CompressError("truncated zstd data: the input ends inside a frame", program="zstd")
-        return data
 
     def _release(self) -> None:
         with contextlib.suppress(Exception):
@@ -714,7 +781,7 @@ class _GzipDecompressor(Decompressor):
         self._input = _HeadThenSource(head, source)
         self._inflate = zlib.decompressobj(wbits=31)
 
-    def _next_chunk(self) -> bytes:
+    def _next_chunk(self, size: int = READ_CHUNK) -> bytes:
         try:
             while True:
                 inflate = self._inflate
@@ -783,9 +850,9 @@ class _ChildDecompressor(Decompressor):
             with contextlib.suppress(OSError):
                 stdin.close()
 
-    def _next_chunk(self) -> bytes:
+    def _next_chunk(self, size: int = READ_CHUNK) -> bytes:
         try:
-            data = os.read(self._out, READ_CHUNK)
+            data = os.read(self._out, size)
         except OSError as exc:
             raise CompressError(f"reading from {self._child.program} failed: {exc}", program=self._child.program) from exc
         if data:

@@ -202,11 +202,14 @@ class ClusterAssembler:
                         return c
         return None
 
-    def emit_reused(self, c: int, data: bytes | memoryview | None) -> int:
-        """Emit cluster ``c`` from a previous archive unless QEMU sent it; the bytes taken.
+    def adopt_reused(self, c: int, mask: int) -> int:
+        """Take cluster ``c`` (stored with ``mask``) from a previous archive unless QEMU sent it.
 
-        Only after QEMU's writes have ended (incremental runs, :mod:`qmpbackup.backup.synthetic`):
-        a cluster QEMU sent only in part cannot be completed from elsewhere.
+        Returns the bytes taken (0: QEMU sent it). The caller hands the cluster's stored
+        blocks to the writer itself, a whole extent at a time
+        (:meth:`qmpbackup.vma.VmaWriter.write_reused_extent`). Only after QEMU's writes
+        have ended (incremental runs): a cluster QEMU sent only in part cannot be
+        completed from elsewhere.
         """
         self._check_open()
         if not 0 <= c < self.cluster_count:
@@ -216,8 +219,11 @@ class ClusterAssembler:
         if c in self._partial:
             raise PointInTimeError(self.name, c, "QEMU sent only part of this changed cluster")
         clen = self._cluster_length(c)
-        piece = None if data is None else memoryview(data)[:clen]
-        self._emit(c, piece, clen)
+        if mask == 0:
+            self._zero[c >> 3] |= 1 << (c & 7)
+            self.stats.zero_bytes += clen
+        self._done[c >> 3] |= 1 << (c & 7)
+        self.stats.clusters_emitted += 1
         self.stats.bytes_reused += clen
         return clen
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from qmpbackup.backup.assembler import ClusterAssembler
-from qmpbackup.compress import Compression, CompressOptions, Compressor, open_compressor
+from qmpbackup.compress import Compression, CompressOptions, open_compressor
 from qmpbackup.nbd.export import Export, ExportConsumer
 from qmpbackup.nbd.server import NbdServer
 from qmpbackup.vma import VmaWriter
@@ -52,18 +52,6 @@ class DataStats:
     written: int  # bytes of archive before compression
 
 
-class _CountingSink:
-    """Counts what the VMA writer produces before it reaches the compressor."""
-
-    def __init__(self, inner: Compressor) -> None:
-        self.inner = inner
-        self.count = 0
-
-    def write(self, data: bytes | memoryview, /) -> None:
-        self.count += len(data)
-        self.inner.write(data)
-
-
 class ArchiveDataPath:
     """One archive's receiving side. Use :meth:`open`, serve, then :meth:`finish` or :meth:`abort`."""
 
@@ -71,8 +59,7 @@ class ArchiveDataPath:
                  configs: Sequence[tuple[str, bytes]], devices: Sequence[DeviceSpec],
                  socket: Path, name: str, wrap: ConsumerWrap | None = None) -> None:
         self._compressor = open_compressor(out, compression, options)
-        self._sink = _CountingSink(self._compressor)
-        self.writer = VmaWriter(self._sink)
+        self.writer = VmaWriter(self._compressor)
         for config_name, data in configs:
             self.writer.add_config(config_name, data)
         self.assemblers: dict[str, ClusterAssembler] = {}
@@ -92,7 +79,7 @@ class ArchiveDataPath:
     def stats(self) -> DataStats:
         received = sum(a.stats.bytes_received for a in self.assemblers.values())
         zero = sum(a.stats.zero_bytes for a in self.assemblers.values())
-        return DataStats(received=received, zero=zero, written=self._sink.count)
+        return DataStats(received=received, zero=zero, written=self.writer.bytes_written)
 
     async def finish(self) -> None:
         """After QEMU deleted its target nodes: wait for the disconnects, emit the rest, close."""

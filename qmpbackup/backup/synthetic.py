@@ -4,8 +4,11 @@ After QEMU's incremental jobs have ended (their targets deleted, every dirty clu
 received), each incremental drive's :class:`ClusterAssembler` still lacks the clusters
 that did not change since the previous archive. This module streams the previous archive
 once, validating every extent as it is read (:class:`qmpbackup.vma.VmaReader`, including
-the final missing-cluster check), and hands each such cluster to its assembler. The
-result is a complete, standard VMA: a "synthetic full".
+the final missing-cluster check), and writes each old extent again without its changed
+clusters: the stored blocks as they are, no zero scan, no repacking. Where the previous
+archive is zstd in frames (:mod:`qmpbackup.zstd_frames`) and the new one is too, a frame
+whose clusters all stayed goes over compressed as it is; every frame is still
+decompressed and checked. The result is a complete, standard VMA: a "synthetic full".
 
 A previous archive that turns out damaged (or replaced) fails the run with
 :class:`PreviousArchiveError`; the caller then drops the base bitmaps so the next run
@@ -20,7 +23,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from qmpbackup.backup.archive_config import vma_device_name
 from qmpbackup.backup.assembler import ClusterAssembler
@@ -28,8 +31,13 @@ from qmpbackup.backup.datapath import DISCONNECT_TIMEOUT_S, ArchiveDataPath
 from qmpbackup.backup.incremental import IncrementalPlan, PreviousArchive
 from qmpbackup.errors import QmpBackupError
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.compress import ZSTD_MAGIC
 from qmpbackup.vma import Extent, VmaReader
-from qmpbackup.vma.archive_io import open_archive
+from qmpbackup.vma import format as fmt
+from qmpbackup.vma.archive_io import open_archive, open_input
+from qmpbackup.vma.reader import ByteSource
+from qmpbackup.vma.writer import ReusedPart, VmaWriter
+from qmpbackup.zstd_frames import Frame, FrameTrackingSource
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +56,9 @@ class PreviousArchiveError(QmpBackupError):
                          f"the next backup will read the whole disk")
 
 
-async def fill_from_previous(previous: PreviousArchive,
-                             assemblers: Mapping[str, ClusterAssembler]) -> dict[str, int]:
-    """Emit every cluster the assemblers (by VMA device name) lack from ``previous``.
+async def fill_from_previous(previous: PreviousArchive, assemblers: Mapping[str, ClusterAssembler],
+                             writer: VmaWriter) -> dict[str, int]:
+    """Write every cluster the assemblers (by VMA device name) lack from ``previous`` into ``writer``.
 
     Returns the bytes taken per device name.
     """
@@ -61,23 +69,23 @@ async def fill_from_previous(previous: PreviousArchive,
         return PreviousArchiveError(name, detail)
 
     try:
-        with open_archive(str(previous.path)) as source:
+        with _open_previous(str(previous.path)) as (source, take_frames):
             reader = VmaReader(source)
             problem = _header_problem(previous, reader, assemblers)
             if problem is not None:
                 raise fail(problem)
             by_id = {dev_id: (dev.name, assemblers[dev.name]) for dev_id, dev in reader.devices.items()
                      if dev.name in assemblers}
-            with _ExtentStream(reader) as extents:
+            with _ExtentStream(reader, take_frames) as extents:
                 count = 0
                 while True:
                     try:
-                        extent = await extents.next()
+                        item = await extents.next()
                     except QmpBackupError as exc:
                         raise fail(str(exc)) from exc
-                    if extent is None:
+                    if item is None:
                         break
-                    _apply(extent, by_id, reused)
+                    _reuse(*item, by_id, writer, reused)
                     count += 1
                     if count % _EXTENTS_PER_YIELD == 0:
                         await asyncio.sleep(0)
@@ -96,6 +104,23 @@ async def fill_from_previous(previous: PreviousArchive,
     return reused
 
 
+@contextlib.contextmanager
+def _open_previous(path: str) -> Iterator[tuple[ByteSource, Callable[[int], list[Frame]] | None]]:
+    """The previous archive's plain bytes, and for zstd a way to get its frames by plain offset."""
+    raw = open_input(path)
+    try:
+        if raw.read(len(ZSTD_MAGIC)) == ZSTD_MAGIC:
+            raw.seek(0)
+            with FrameTrackingSource(raw) as frames:
+                yield frames, frames.take_frames
+            return
+        raw.seek(0)
+    finally:
+        raw.close()
+    with open_archive(path) as source:
+        yield source, None
+
+
 class _ExtentStream:
     """Reads, decompresses and validates the previous archive's extents in a thread, a few ahead.
 
@@ -107,9 +132,10 @@ class _ExtentStream:
 
     DEPTH = 8
 
-    def __init__(self, reader: VmaReader) -> None:
+    def __init__(self, reader: VmaReader, take_frames: Callable[[int], list[Frame]] | None) -> None:
         self._reader = reader
-        self._queue: queue.Queue[Extent | BaseException | None] = queue.Queue(self.DEPTH)
+        self._take_frames = take_frames
+        self._queue: queue.Queue[tuple[Extent, list[Frame]] | BaseException | None] = queue.Queue(self.DEPTH)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="previous-archive-reader", daemon=True)
 
@@ -129,13 +155,14 @@ class _ExtentStream:
     def _run(self) -> None:
         try:
             for extent in self._reader.extents():
-                if not self._put(extent):
+                frames = [] if self._take_frames is None else self._take_frames(extent.offset + extent.size)
+                if not self._put((extent, frames)):
                     return
             self._put(None)
         except BaseException as exc:  # handed to the consumer, who raises it
             self._put(exc)
 
-    def _put(self, item: Extent | BaseException | None) -> bool:
+    def _put(self, item: tuple[Extent, list[Frame]] | BaseException | None) -> bool:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -144,8 +171,8 @@ class _ExtentStream:
                 continue
         return False
 
-    async def next(self) -> Extent | None:
-        """The next extent, None at the end (after the reader's final checks passed).
+    async def next(self) -> tuple[Extent, list[Frame]] | None:
+        """The next extent and its frames, None at the end (after the reader's final checks passed).
 
         Waits off the event loop when the reader is behind, so signals still get through.
         """
@@ -169,17 +196,62 @@ class _NewArchiveError(QmpBackupError):
         super().__init__(str(inner))
 
 
-def _apply(extent: Extent, by_id: Mapping[int, tuple[str, ClusterAssembler]], reused: dict[str, int]) -> None:
-    for cluster in extent.clusters:
-        target = by_id.get(cluster.dev_id)
-        if target is None:
-            continue
-        devname, assembler = target
-        try:
-            taken = assembler.emit_reused(cluster.cluster_num, cluster.data)
-        except QmpBackupError as exc:
-            raise _NewArchiveError(exc) from exc
-        reused[devname] += taken
+def _reuse(extent: Extent, frames: list[Frame], by_id: Mapping[int, tuple[str, ClusterAssembler]],
+           writer: VmaWriter, reused: dict[str, int]) -> None:
+    """Write ``extent`` again without the clusters QEMU sent (or that belong to no wanted drive).
+
+    Its stored blocks are split where its frames end; a part whose clusters all stay
+    carries its frame along, the others only their kept blocks.
+    """
+    data_start = extent.offset + fmt.EXTENT_HEADER_SIZE
+    frame_at = {f.plain_start - data_start: f for f in frames if f.plain_start >= data_start}
+    ends = {f.plain_end - data_start for f in frames}
+    payload = memoryview(extent.payload)
+    zero_slots: list[tuple[int, int, int]] = []
+    parts: list[ReusedPart] = []
+    kept: list[tuple[int, int, int]] = []
+    kept_ranges: list[tuple[int, int]] = []
+    whole = True
+    group_start = pos = 0
+    try:
+        for info in extent.blockinfo:
+            mask, dev_id, cluster_num = fmt.split_blockinfo(info)
+            if dev_id == 0:
+                continue
+            target = by_id.get(dev_id)
+            taken = 0 if target is None else target[1].adopt_reused(cluster_num, mask)
+            if taken:
+                devname, assembler = target  # type: ignore[misc]
+                reused[devname] += taken
+            if mask == 0:
+                if taken:
+                    zero_slots.append((assembler.dev_id, cluster_num, 0))
+                continue
+            length = mask.bit_count() * fmt.BLOCK_SIZE
+            if taken:
+                kept.append((assembler.dev_id, cluster_num, mask))
+                kept_ranges.append((pos, pos + length))
+            else:
+                whole = False
+            pos += length
+            if pos in ends or pos == len(payload):
+                if kept:
+                    parts.append(_part(payload, group_start, pos, kept, kept_ranges, whole, frame_at))
+                kept, kept_ranges, whole, group_start = [], [], True, pos
+        if zero_slots:
+            parts.insert(0, ReusedPart(tuple(zero_slots), b""))
+        writer.write_reused_extent(parts)
+    except QmpBackupError as exc:
+        raise _NewArchiveError(exc) from exc
+
+
+def _part(payload: memoryview, start: int, end: int, kept: list[tuple[int, int, int]],
+          ranges: list[tuple[int, int]], whole: bool, frame_at: Mapping[int, Frame]) -> ReusedPart:
+    if whole:
+        frame = frame_at.get(start)
+        copy = frame is not None and frame.compressed is not None and frame.plain_end - frame.plain_start == end - start
+        return ReusedPart(tuple(kept), payload[start:end], frame.compressed if copy else None)  # type: ignore[union-attr]
+    return ReusedPart(tuple(kept), b"".join(payload[a:b] for a, b in ranges))
 
 
 def _header_problem(previous: PreviousArchive, reader: VmaReader,
@@ -208,7 +280,7 @@ async def complete_from_previous(plan: IncrementalPlan, datapath: ArchiveDataPat
     by_name = {a.name: a for a in datapath.assemblers.values()}
     wanted = {vma_device_name(d.key): d.key for d in plan.incremental}
     try:
-        reused = await fill_from_previous(plan.previous, {n: by_name[n] for n in wanted})
+        reused = await fill_from_previous(plan.previous, {n: by_name[n] for n in wanted}, datapath.writer)
     except PreviousArchiveError:
         await plan.drop_bases(session)
         raise

@@ -11,9 +11,11 @@ from qmpbackup.cli.common import ArgumentParser, Context
 from qmpbackup.errors import UsageError
 from qmpbackup.vma.archive_io import open_archive
 from qmpbackup.vma.create import create_archive_file, parse_disk_spec
-from qmpbackup.vma.extract import extract
+from qmpbackup.vma.extract import extract, extract_mapped
 from qmpbackup.vma.listing import DEFAULT_CONFIG, config_data, list_lines, verify
+from qmpbackup.vma.progress import CreateProgress, ExtractProgress
 from qmpbackup.vma.reader import VmaReader
+from qmpbackup.vma.restore_map import parse_map, read_map_lines
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -43,14 +45,20 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help="compress the archive (default none)")
     p.add_argument("--zstd-threads", type=int, default=1, metavar="N",
                    help="zstd worker threads, 0 = half the cores (default 1, as vzdump)")
-    p.add_argument("-v", dest="verbose", action="store_true", help="accepted for compatibility")
+    p.add_argument("-v", dest="verbose", action="store_true", help="print progress and per-image statistics to stderr")
     p.set_defaults(run=run_create)
 
-    p = sub.add_parser("extract", parents=[common], help="extract configs and raw disk images into a new folder")
+    p = sub.add_parser(
+        "extract", parents=[common],
+        help="extract configs and raw disk images into a new folder (with -r: disks into existing images)",
+    )
     p.add_argument("archive", metavar="F", help="archive file (any compression) or - for stdin")
     p.add_argument("target", metavar="DIR", help="target folder (must not exist)")
     p.add_argument("-d", dest="devices", metavar="NAME[,NAME...]", help="extract only these devices")
-    p.add_argument("-v", dest="verbose", action="store_true", help="accepted for compatibility")
+    p.add_argument("-r", dest="readmap", metavar="FIFO",
+                   help="print the list lines, then read device mapping lines from FIFO until 'done' "
+                        "(qmrestore's protocol) and restore into the mapped images")
+    p.add_argument("-v", dest="verbose", action="store_true", help="print progress and sparse statistics")
     p.set_defaults(run=run_extract)
 
     p = sub.add_parser("verify", parents=[common], help="read the whole archive and check every rule")
@@ -82,12 +90,22 @@ def run_config(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _print_stderr(line: str) -> None:
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
+def _print_line(line: str) -> None:
+    _print_lines([line])
+
+
 def run_create(args: argparse.Namespace, ctx: Context) -> int:
     disks = [parse_disk_spec(text) for text in args.disks]
     if args.zstd_threads < 0:
         raise UsageError("--zstd-threads must be 0 or more")
     create_archive_file(
-        args.archive, [Path(c) for c in args.configs], disks, args.compress, args.zstd_threads
+        args.archive, [Path(c) for c in args.configs], disks, args.compress, args.zstd_threads,
+        CreateProgress(_print_stderr) if args.verbose else None,
     )
     return 0
 
@@ -104,7 +122,15 @@ def run_extract(args: argparse.Namespace, ctx: Context) -> int:
 
     with open_archive(args.archive) as source:
         reader = VmaReader(source)
-        extract(reader, Path(args.target), devices=wanted, on_device=on_device)
+        progress = ExtractProgress(reader.header.devices, _print_line) if args.verbose else None
+        if args.readmap is None:
+            extract(reader, Path(args.target), devices=wanted, on_device=on_device, progress=progress)
+        else:
+            readmap = Path(args.readmap)
+            extract_mapped(
+                reader, Path(args.target), lambda: parse_map(read_map_lines(readmap)), devices=wanted,
+                on_configs=lambda: _print_lines(list_lines(reader)), progress=progress,
+            )
     return 0
 
 

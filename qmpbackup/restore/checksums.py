@@ -45,7 +45,7 @@ class DeviceHasher:
     def _length(self, cluster: int) -> int:
         return min(fmt.CLUSTER_SIZE, self.device.size - cluster * fmt.CLUSTER_SIZE)
 
-    def add(self, cluster: int, data: bytes | None) -> None:
+    def add(self, cluster: int, data: bytes | memoryview | None) -> None:
         """One cluster as the reader yields it (``data`` None = all zero); each cluster once."""
         if cluster != self._frontier:
             self._hold(cluster, data)
@@ -56,7 +56,7 @@ class DeviceHasher:
         if self._held_count:
             self._drain()
 
-    def _hold(self, cluster: int, data: bytes | None) -> None:
+    def _hold(self, cluster: int, data: bytes | memoryview | None) -> None:
         self._held.add(cluster)
         self._held_count += 1
         if data is None:

@@ -158,7 +158,7 @@ def _write_devices(
     for plan in plans:
         images[plan.mapped.device.dev_id] = RawImage(plan.staging, plan.size, pool)
     progress = _Progress(sum(p.size for p in plans))
-    for cluster in reader.clusters():
+    for cluster in reader.cluster_views():
         image = images.get(cluster.dev_id)
         if image is None:
             continue  # a vmstate stream: RAM state is not restored

@@ -3,7 +3,8 @@
 The limit applies to the archive bytes as stored (compressed), like the
 ``cstream`` Proxmox puts in front of the decompressor, so ``--bwlimit`` is
 what the archive's disk or network sees. Reading ahead in a thread
-(:mod:`qmpbackup.restore.prefetch`) lets decompression overlap the rest.
+(:mod:`qmpbackup.restore.extent_prefetch`) lets decompression overlap the
+rest, and puts each extent's payload in page-aligned memory for the writes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import BinaryIO, cast
 
 from qmpbackup.compress import Decompressor, open_decompressor
 from qmpbackup.errors import QmpBackupError
-from qmpbackup.restore.prefetch import PrefetchSource
+from qmpbackup.restore.extent_prefetch import ExtentPrefetch
 from qmpbackup.throttle import ThrottledSource, TokenBucket
 from qmpbackup.vma.archive_io import open_input
 
@@ -28,9 +29,9 @@ class ArchiveStream:
 
     def __init__(self, decompressor: Decompressor, *, prefetch: bool) -> None:
         self._decompressor = decompressor
-        self._prefetch = PrefetchSource(decompressor) if prefetch else None
+        self._prefetch = ExtentPrefetch(decompressor) if prefetch else None
 
-    def read(self, n: int, /) -> bytes:
+    def read(self, n: int, /) -> bytes | memoryview:
         if self._prefetch is not None:
             return self._prefetch.read(n)
         return self._decompressor.read(n)

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from qmpbackup.atomic_file import OutputExistsError, atomic_output
 from qmpbackup.compress import CompressOptions, open_compressor, parse_compress
@@ -28,6 +29,7 @@ from qmpbackup.errors import UsageError
 from qmpbackup.store.names import temp_name
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.errors import VmaError
+from qmpbackup.vma.progress import CreateProgress
 from qmpbackup.vma.writer import ByteSink, VmaWriter
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,24 @@ def parse_disk_spec(text: str) -> DiskSpec:
     return DiskSpec(image_format, name, Path(path))
 
 
+class ClusterWriter(Protocol):
+    """What :func:`write_raw_device` feeds: the VMA writer, or it wrapped to count progress."""
+
+    def write_cluster(self, dev_id: int, cluster_num: int, data: bytes | bytearray | memoryview | None) -> None: ...
+
+
+class _CountingWriter:
+    """Counts each cluster for ``-v`` before the writer takes it."""
+
+    def __init__(self, writer: VmaWriter, progress: CreateProgress) -> None:
+        self._writer = writer
+        self._progress = progress
+
+    def write_cluster(self, dev_id: int, cluster_num: int, data: bytes | bytearray | memoryview | None) -> None:
+        self._progress.cluster(dev_id, cluster_num, data)
+        self._writer.write_cluster(dev_id, cluster_num, data)
+
+
 def _raw_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
@@ -79,7 +99,7 @@ def _data_after(fd: int, pos: int, end: int) -> tuple[int, int]:
     return min(start, end), min(stop, end)
 
 
-def write_raw_device(writer: VmaWriter, dev_id: int, fd: int, file_size: int, size: int) -> None:
+def write_raw_device(writer: ClusterWriter, dev_id: int, fd: int, file_size: int, size: int) -> None:
     """Feed every cluster of a raw image to the writer in order; holes become zero clusters.
 
     ``size`` is the device size (``file_size`` rounded up to whole sectors);
@@ -220,8 +240,14 @@ def device_size(disk: DiskSpec, file_size: int) -> int:
     return size
 
 
-def create_archive(sink: ByteSink, configs: Sequence[Path], disks: Sequence[DiskSpec]) -> VmaWriter:
-    """Write a complete archive to ``sink``: configs, then every disk in order; returns the closed writer."""
+def create_archive(
+    sink: ByteSink, configs: Sequence[Path], disks: Sequence[DiskSpec], progress: CreateProgress | None = None
+) -> VmaWriter:
+    """Write a complete archive to ``sink``: configs, then every disk in order; returns the closed writer.
+
+    With ``progress``, every cluster is counted and the per-image summary
+    is emitted once the archive is complete.
+    """
     names = [disk.name for disk in disks]
     if len(set(names)) != len(names):
         raise UsageError("each disk needs its own name")
@@ -230,16 +256,23 @@ def create_archive(sink: ByteSink, configs: Sequence[Path], disks: Sequence[Disk
         writer.add_config(config.name, read_config_file(config))
     sizes = [device_size(disk, image_size(disk)) for disk in disks]
     dev_ids = [writer.add_device(disk.name, size) for disk, size in zip(disks, sizes, strict=True)]
+    feed: ClusterWriter = writer
+    if progress is not None:
+        for disk, dev_id, size in zip(disks, dev_ids, sizes, strict=True):
+            progress.add_device(dev_id, disk.name, size)
+        feed = _CountingWriter(writer, progress)
     for disk, dev_id, size in zip(disks, dev_ids, sizes, strict=True):
         log.debug("archiving %s (%s, %d bytes) as dev_id %d", disk.path, disk.image_format, size, dev_id)
         with open_raw_view(disk) as (fd, file_size):
             if device_size(disk, file_size) != size:
                 raise VmaError(f"disk image {disk.path} changed size while being archived")
             try:
-                write_raw_device(writer, dev_id, fd, file_size, size)
+                write_raw_device(feed, dev_id, fd, file_size, size)
             except OSError as exc:
                 raise VmaError(f"reading {disk.path}: {exc.strerror or exc}") from exc
     writer.close()
+    if progress is not None:
+        progress.finish()
     return writer
 
 
@@ -256,6 +289,7 @@ def create_archive_file(
     disks: Sequence[DiskSpec],
     compression_name: str = "none",
     zstd_threads: int = 1,
+    progress: CreateProgress | None = None,
 ) -> VmaWriter:
     """``vma create``: a new file (it must not exist) or ``-`` for stdout.
 
@@ -266,13 +300,13 @@ def create_archive_file(
     options = CompressOptions(zstd_threads=zstd_threads)
     if archive == "-":
         with open_compressor(sys.stdout.buffer, compression, options) as compressor:
-            return create_archive(compressor, configs, disks)
+            return create_archive(compressor, configs, disks, progress)
     final = Path(archive)
     if final.exists() or final.is_symlink():
         raise UsageError(f"archive {archive} already exists")
     try:
         with atomic_output(final, temp_path(final)) as dest, open_compressor(dest, compression, options) as compressor:
-            writer = create_archive(compressor, configs, disks)
+            writer = create_archive(compressor, configs, disks, progress)
     except OutputExistsError as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:

@@ -10,11 +10,12 @@ offset and the rule.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol, TypeAlias
 from uuid import UUID
 
 from qmpbackup.vma import format as fmt
@@ -27,11 +28,18 @@ log = logging.getLogger(__name__)
 _ZERO_EXTENT_MD5 = bytes(16)
 
 
-class ByteSource(Protocol):
-    """Where the reader gets archive bytes: a file, a decompressor, a pipe."""
+Piece: TypeAlias = bytes | memoryview
 
-    def read(self, n: int, /) -> bytes:
-        """Up to ``n`` bytes; ``b""`` only at end of input."""
+
+class ByteSource(Protocol):
+    """Where the reader gets archive bytes: a file, a decompressor, a pipe.
+
+    ``read`` may return a memoryview (the read-ahead hands out views of its
+    chunks); the bytes it views must not change afterwards.
+    """
+
+    def read(self, n: int, /) -> bytes | memoryview:
+        """Up to ``n`` bytes; empty only at end of input."""
         ...
 
 
@@ -51,6 +59,22 @@ class Cluster:
     data: bytes | None
 
 
+class ClusterView(NamedTuple):
+    """A cluster as :meth:`VmaReader.cluster_views` yields it: like :class:`Cluster`, without copies.
+
+    ``data`` views the decompressed input for a full cluster stored in one
+    piece of it; otherwise (omitted blocks, or a cluster split across two
+    reads of the input) it views a new 65536-byte buffer. None = all zero.
+    A NamedTuple, not a dataclass: one is made per 64 KiB restored, and a
+    frozen dataclass's ``__init__`` costs several times more.
+    """
+
+    dev_id: int
+    cluster_num: int
+    mask: int
+    data: memoryview | None
+
+
 @dataclass(frozen=True, slots=True)
 class Extent:
     """One validated extent: where it starts, its raw slots, and its clusters in slot order."""
@@ -59,6 +83,7 @@ class Extent:
     block_count: int
     blockinfo: tuple[int, ...]
     clusters: tuple[Cluster, ...]
+    payload: bytes = b""  # the stored blocks, in slot order (incremental runs copy them as they are)
 
     @property
     def size(self) -> int:
@@ -111,7 +136,7 @@ class VmaReader:
             chunk = self._source.read(n)
             if len(chunk) == n or not chunk:
                 self._offset += len(chunk)
-                return chunk
+                return chunk if type(chunk) is bytes else bytes(chunk)
             parts = [chunk]
             got = len(chunk)
             while got < n:
@@ -126,17 +151,47 @@ class VmaReader:
         self._offset += len(data)
         return data
 
+    def _read_pieces(self, n: int) -> tuple[list[Piece], int]:
+        """Like :meth:`_read_exact` but the pieces as the source returned them (no joining copy)."""
+        pieces: list[Piece] = []
+        got = 0
+        try:
+            while got < n:
+                chunk = self._source.read(n - got)
+                if not chunk:
+                    break
+                pieces.append(chunk)
+                got += len(chunk)
+        except OSError as exc:
+            raise VmaError(f"cannot read archive at byte {self._offset}: {exc.strerror or exc}") from exc
+        self._offset += got
+        return pieces, got
+
     def extents(self, *, check_missing: bool = True) -> Iterator[Extent]:
         """Validated extents until end of input; then, unless told not to, the missing-cluster check."""
+        for raw in self._raw_extents(check_missing):
+            yield _extent(raw)
+
+    def cluster_views(self, *, check_missing: bool = True) -> Iterator[ClusterView]:
+        """Like :meth:`clusters`, but ``data`` views the input instead of copying it (restore's fast path).
+
+        Same checks, same errors, same order; a view stays valid as long as it is referenced.
+        """
+        for raw in self._raw_extents(check_missing):
+            payload = _Payload(raw.pieces)
+            for dev_id, cluster, mask, at in raw.placed:
+                yield ClusterView(dev_id, cluster, mask, payload.cluster(mask, at))
+
+    def _raw_extents(self, check_missing: bool) -> Iterator[_RawExtent]:
         if self._started:
             raise VmaError("a VMA archive can be read only once (it is a stream)")
         self._started = True
         while True:
-            extent = self._read_extent()
-            if extent is None:
+            raw = self._read_extent()
+            if raw is None:
                 break
             self.extent_count += 1
-            yield extent
+            yield raw
         self.end_offset = self._offset
         if check_missing:
             for dev_id, dev in self.devices.items():
@@ -160,7 +215,7 @@ class VmaReader:
     def seen_clusters(self, dev_id: int) -> int:
         return self._seen[dev_id].seen
 
-    def _read_extent(self) -> Extent | None:
+    def _read_extent(self) -> _RawExtent | None:
         start = self._offset
         head = self._read_exact(fmt.EXTENT_HEADER_SIZE)
         if not head:
@@ -183,16 +238,15 @@ class VmaReader:
                 f"more than the {fmt.MAX_EXTENT_SIZE} an extent may hold)",
                 start,
             )
-        payload = self._read_exact(fmt.BLOCK_SIZE * block_count)
-        if len(payload) < fmt.BLOCK_SIZE * block_count:
-            raise VmaFormatError(f"short vma extent ({fmt.EXTENT_HEADER_SIZE + len(payload)} < {need})", start)
-        clusters = self._check_slots(start, slots, payload)
-        return Extent(start, block_count, tuple(slots), clusters)
+        pieces, size = self._read_pieces(fmt.BLOCK_SIZE * block_count)
+        if size < fmt.BLOCK_SIZE * block_count:
+            raise VmaFormatError(f"short vma extent ({fmt.EXTENT_HEADER_SIZE + size} < {need})", start)
+        placed = self._check_slots(start, slots, size)
+        return _RawExtent(start, block_count, tuple(slots), pieces, placed)
 
-    def _check_slots(self, start: int, slots: list[int], payload: bytes) -> tuple[Cluster, ...]:
-        """Per-slot rules (R2.6-R2.11); the payload is consumed in slot order, block by block."""
+    def _check_slots(self, start: int, slots: list[int], size: int) -> list[tuple[int, int, int, int]]:
+        """Per-slot rules (R2.6-R2.11); the payload (``size`` bytes) is consumed in slot order, block by block."""
         pos = 0
-        size = len(payload)
         placed: list[tuple[int, int, int, int]] = []  # dev_id, cluster, mask, payload offset
         for index, info in enumerate(slots):
             mask, dev_id, cluster = fmt.split_blockinfo(info)
@@ -230,7 +284,64 @@ class VmaReader:
             pos += mask.bit_count() * fmt.BLOCK_SIZE
         if pos != size:
             raise VmaFormatError("vma extent error - missing blocks", start)
-        return tuple(_expand(payload, dev_id, cluster, mask, at) for dev_id, cluster, mask, at in placed)
+        return placed
+
+
+class _RawExtent(NamedTuple):
+    """A validated extent before its clusters are made: the payload as read, and where each slot's data is."""
+
+    offset: int
+    block_count: int
+    blockinfo: tuple[int, ...]
+    pieces: list[Piece]
+    placed: list[tuple[int, int, int, int]]  # dev_id, cluster, mask, payload offset
+
+
+def _extent(raw: _RawExtent) -> Extent:
+    pieces = raw.pieces
+    payload = pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
+    clusters = tuple(_expand(payload, dev_id, cluster, mask, at) for dev_id, cluster, mask, at in raw.placed)
+    return Extent(raw.offset, raw.block_count, raw.blockinfo, clusters, payload)
+
+
+class _Payload:
+    """An extent's stored blocks as the pieces the source returned; clusters are cut out as views."""
+
+    __slots__ = ("_ends", "_views")
+
+    def __init__(self, pieces: Sequence[Piece]) -> None:
+        self._views = [memoryview(p) for p in pieces]
+        self._ends: list[int] = []
+        end = 0
+        for view in self._views:
+            end += len(view)
+            self._ends.append(end)
+
+    def cluster(self, mask: int, at: int) -> memoryview | None:
+        """The slot's cluster (stored blocks in place, omitted ones zero), or None for mask 0."""
+        if mask == 0:
+            return None
+        if mask == fmt.FULL_MASK:
+            index = bisect.bisect_right(self._ends, at)
+            base = self._ends[index] - len(self._views[index])
+            if at + fmt.CLUSTER_SIZE <= self._ends[index]:
+                return self._views[index][at - base : at - base + fmt.CLUSTER_SIZE]
+        data = bytearray(fmt.CLUSTER_SIZE)
+        for start, end in fmt.stored_runs(mask):
+            self._copy(data, start, at, end - start)
+            at += end - start
+        return memoryview(data)
+
+    def _copy(self, dest: bytearray, dest_at: int, at: int, length: int) -> None:
+        """``length`` payload bytes from ``at`` into ``dest`` at ``dest_at``, across pieces."""
+        index = bisect.bisect_right(self._ends, at)
+        while length:
+            view = self._views[index]
+            base = self._ends[index] - len(view)
+            take = min(length, self._ends[index] - at)
+            dest[dest_at : dest_at + take] = view[at - base : at - base + take]
+            dest_at, at, length = dest_at + take, at + take, length - take
+            index += 1
 
 
 def _expand(payload: bytes, dev_id: int, cluster: int, mask: int, at: int) -> Cluster:

@@ -2,8 +2,13 @@
 
 Clusters of any device arrive in any order. Each is zero-checked block by
 block, packed into a preallocated extent buffer, and the extent goes to the
-sink in one ``write()`` once 58 slots are used. Memory is one extent buffer
-plus a seen-cluster bitmap (1 bit per cluster).
+sink once 58 slots are used. Memory is one extent buffer plus a seen-cluster
+bitmap (1 bit per cluster).
+
+A sink that compresses in frames (``end_frame``, see :mod:`qmpbackup.zstd_frames`)
+is told where to cut: after the extent header and after the data of every 16
+slots. An incremental run can then take whole frames of the previous archive
+(:meth:`VmaWriter.write_reused_extent`) instead of compressing their clusters again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ _ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
 _ZERO_BLOCK = bytes(fmt.BLOCK_SIZE)
 _BLOCK_BOUNDS = tuple((j * fmt.BLOCK_SIZE, (j + 1) * fmt.BLOCK_SIZE, 1 << j) for j in range(fmt.BLOCKS_PER_CLUSTER))
 _EXTENT_BUFFER_SIZE = fmt.EXTENT_HEADER_SIZE + fmt.WRITER_SLOTS * fmt.CLUSTER_SIZE
+FRAME_SLOTS = 16
+"""Slots whose data make one compressed frame (at most 1 MiB of data)."""
 
 
 class ByteSink(Protocol):
@@ -35,6 +42,20 @@ class ByteSink(Protocol):
     reference to it: the writer reuses its extent buffer (files, pipes and compressors do this)."""
 
     def write(self, data: bytes | memoryview, /) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReusedPart:
+    """Clusters taken as they are from another archive, for :meth:`VmaWriter.write_reused_extent`.
+
+    ``slots`` are (dev_id in this archive, cluster_num, mask); ``payload`` their stored
+    blocks in slot order; ``frame`` the same payload as one compressed zstd frame of
+    the other archive, when it was one.
+    """
+
+    slots: tuple[tuple[int, int, int], ...]
+    payload: bytes | memoryview
+    frame: bytes | None = None
 
 
 class WriterState(enum.Enum):
@@ -85,8 +106,12 @@ class VmaWriter:
         self._view = memoryview(self._buf)
         self._slots: list[int] = []
         self._pos = fmt.EXTENT_HEADER_SIZE
+        self._cuts: list[int] = []  # payload positions after every FRAME_SLOTS slots
+        self._end_frame = getattr(sink, "end_frame", None)
+        self._takes_frames = bool(getattr(sink, "takes_frames", False))
         self.bytes_written = 0
         self.extents_written = 0
+        self.frames_reused = 0
 
     def __repr__(self) -> str:
         return f"<VmaWriter {self._uuid} {self._state.value}>"
@@ -157,6 +182,7 @@ class VmaWriter:
         )
         self._state = WriterState.WRITING
         self._emit(header)
+        self._cut()
 
     def _emit(self, data: bytes | memoryview) -> None:
         try:
@@ -166,11 +192,8 @@ class VmaWriter:
             raise
         self.bytes_written += len(data)
 
-    def write_cluster(self, dev_id: int, cluster_num: int, data: bytes | bytearray | memoryview | None) -> None:
-        """Add one cluster (F6, W3): 65536 bytes, fewer for a last partial cluster, None = all zero."""
-        if self._state is not WriterState.WRITING:
-            self._require(WriterState.COLLECTING)
-            self._start()
+    def _new_cluster(self, dev_id: int, cluster_num: int) -> _Device:
+        """The device of a cluster about to be written; refuses unknown, out-of-range and repeated ones."""
         if not 1 <= dev_id <= len(self._devices):
             raise VmaError(f"unknown VMA device id {dev_id}")
         dev = self._devices[dev_id - 1]
@@ -178,6 +201,14 @@ class VmaWriter:
             raise VmaError(f"device {dev.name}: cluster {cluster_num} beyond the end ({dev.clusters} clusters)")
         if cluster_num in dev.seen:
             raise VmaError(f"device {dev.name}: cluster {cluster_num} written twice")
+        return dev
+
+    def write_cluster(self, dev_id: int, cluster_num: int, data: bytes | bytearray | memoryview | None) -> None:
+        """Add one cluster (F6, W3): 65536 bytes, fewer for a last partial cluster, None = all zero."""
+        if self._state is not WriterState.WRITING:
+            self._require(WriterState.COLLECTING)
+            self._start()
+        dev = self._new_cluster(dev_id, cluster_num)
         last = cluster_num == dev.clusters - 1
         valid = dev.tail if last else fmt.CLUSTER_SIZE
         mask = 0
@@ -191,8 +222,66 @@ class VmaWriter:
             mask = self._pack(view, valid)
         dev.seen.add(cluster_num)
         self._slots.append(fmt.blockinfo(mask, dev_id, cluster_num))
+        if len(self._slots) % FRAME_SLOTS == 0:
+            self._cuts.append(self._pos)
         if len(self._slots) >= fmt.WRITER_SLOTS:
             self._flush()
+
+    def write_reused_extent(self, parts: list[ReusedPart]) -> None:
+        """Write one extent of clusters taken from another archive, their stored blocks as they are.
+
+        Zero clusters (mask 0) may be given as parts with an empty payload. A part's
+        ``frame`` is copied when the sink takes frames; otherwise its payload is written.
+        """
+        if self._state is not WriterState.WRITING:
+            self._require(WriterState.COLLECTING)
+            self._start()
+        slots: list[int] = []
+        try:
+            for part in parts:
+                stored = 0
+                for dev_id, cluster_num, mask in part.slots:
+                    self._new_cluster(dev_id, cluster_num).seen.add(cluster_num)
+                    stored += mask.bit_count()
+                    slots.append(fmt.blockinfo(mask, dev_id, cluster_num))
+                if stored * fmt.BLOCK_SIZE != len(part.payload):
+                    raise VmaError(f"reused clusters hold {stored} blocks but {len(part.payload)} bytes came")
+            if len(slots) > fmt.EXTENT_SLOTS:
+                raise VmaError(f"{len(slots)} reused clusters do not fit one extent ({fmt.EXTENT_SLOTS} slots)")
+        except VmaError:
+            self._state = WriterState.FAILED  # some clusters are marked written: this archive is lost
+            raise
+        if not slots:
+            return
+        block_count = sum(len(part.payload) for part in parts) // fmt.BLOCK_SIZE
+        header = bytearray(fmt.EXTENT_HEADER_SIZE)
+        fmt.EXTENT_HEADER.pack_into(header, 0, fmt.EXTENT_MAGIC, 0, block_count, self._uuid.bytes, bytes(16),
+                                    *slots, *[0] * (fmt.EXTENT_SLOTS - len(slots)))
+        header[fmt.EXTENT_MD5] = hashlib.md5(header).digest()
+        self._emit(header)
+        self._cut()
+        for part in parts:
+            if not part.payload:
+                continue
+            if part.frame is not None and self._takes_frames:
+                self._emit_frame(part.frame, len(part.payload))
+            else:
+                self._emit(part.payload)
+                self._cut()
+        self.extents_written += 1
+
+    def _cut(self) -> None:
+        if self._end_frame is not None:
+            self._end_frame()
+
+    def _emit_frame(self, frame: bytes, plain_length: int) -> None:
+        try:
+            self._sink.write_frame(frame)  # type: ignore[attr-defined]
+        except BaseException:
+            self._state = WriterState.FAILED
+            raise
+        self.bytes_written += plain_length
+        self.frames_reused += 1
 
     def _pack(self, view: memoryview, valid: int) -> int:
         """Copy the non-zero blocks of one cluster into the extent buffer; return the mask."""
@@ -243,9 +332,18 @@ class VmaWriter:
             buf, 0, fmt.EXTENT_MAGIC, 0, block_count, self._uuid.bytes, bytes(16), *slots
         )
         buf[fmt.EXTENT_MD5] = hashlib.md5(self._view[: fmt.EXTENT_HEADER_SIZE]).digest()
-        self._emit(self._view[: self._pos])
+        if self._end_frame is None:
+            self._emit(self._view[: self._pos])
+        else:
+            start = 0
+            for cut in [fmt.EXTENT_HEADER_SIZE, *self._cuts, self._pos]:
+                if cut > start:
+                    self._emit(self._view[start:cut])
+                    self._end_frame()
+                    start = cut
         self.extents_written += 1
         self._slots = []
+        self._cuts = []
         self._pos = fmt.EXTENT_HEADER_SIZE
 
     def close(self) -> None:

@@ -345,3 +345,37 @@ def test_signal_name_in_error_for_terminated_child(tmp_path: Path) -> None:
             for _ in range(1000):
                 comp.write(bytes(1 << 20))
             comp.close()
+
+
+def read_mixed(dec: Decompressor) -> bytes:
+    """read and readinto in turn, with odd sizes: the restore read-ahead does both."""
+    parts: list[bytes] = []
+    buf = memoryview(bytearray(3 * 65536 + 7))
+    turn = 0
+    while True:
+        if turn % 3 == 0:
+            piece = dec.read(512)
+        else:
+            n = dec.readinto(buf[: 4096 * turn % len(buf) or 1])
+            piece = bytes(buf[:n])
+        if not piece:
+            return b"".join(parts)
+        parts.append(piece)
+        turn += 1
+
+
+def test_readinto_gives_the_same_bytes(archive: Path, compression: Compression, sample: bytes) -> None:
+    with open(archive, "rb") as src, open_decompressor(src) as dec:
+        assert read_mixed(dec) == sample
+        assert dec.at_eof
+    with pipe_of(archive.read_bytes()) as stream, open_decompressor(stream) as dec:
+        assert read_mixed(dec) == sample
+
+
+@pytest.mark.parametrize("damage", ["flipped", "half", "last-bytes-cut"])
+@pytest.mark.parametrize("compression", PACKED, ids=lambda c: c.value)
+def test_readinto_reports_damage(tmp_path: Path, compression: Compression, sample: bytes, damage: str) -> None:
+    blob = compress_to(tmp_path / "x", compression, [sample]).read_bytes()
+    with pytest.raises(CompressError), pipe_of(damaged_versions(blob)[damage]) as stream, \
+            open_decompressor(stream) as dec:
+        read_mixed(dec)

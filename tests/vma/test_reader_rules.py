@@ -11,6 +11,7 @@ from qmpbackup.vma import CLUSTER_SIZE, VmaError, VmaFormatError, VmaReader
 from qmpbackup.vma import format as fmt
 from tests.vma.archive_builder import (
     RawExtent,
+    disk_image,
     raw_archive,
     read_disks,
     rehash_extent,
@@ -27,13 +28,40 @@ def _read_all(archive: bytes) -> None:
         pass
 
 
+class Views:
+    """A source like the restore read-ahead: memoryviews of pieces of odd sizes."""
+
+    def __init__(self, data: bytes, sizes: tuple[int, ...] = (70001, 777, 4096 * 5 + 3)) -> None:
+        self.view = memoryview(data)
+        self.pos = 0
+        self.sizes = sizes
+        self.calls = 0
+
+    def read(self, n: int, /) -> memoryview:
+        size = min(n, self.sizes[self.calls % len(self.sizes)])
+        self.calls += 1
+        piece = self.view[self.pos : self.pos + size]
+        self.pos += len(piece)
+        return piece
+
+
+def _read_all_views(archive: bytes) -> None:
+    reader = VmaReader(Views(archive))
+    for _ in reader.cluster_views():
+        pass
+
+
 def _reject(archive: bytes | bytearray, rule: str, offset: int | None) -> VmaFormatError:
+    """Both read paths (copies and views) reject it with the same error."""
     with pytest.raises(VmaFormatError) as err:
         _read_all(bytes(archive))
     assert rule in err.value.rule, err.value.rule
     if offset is not None:
         assert err.value.offset == offset
     assert str(err.value).endswith(f"(at byte {err.value.offset})")
+    with pytest.raises(VmaFormatError) as err_views:
+        _read_all_views(bytes(archive))
+    assert str(err_views.value) == str(err.value)
     return err.value
 
 
@@ -302,3 +330,16 @@ def test_short_reads_are_assembled(good: bytes) -> None:
             return chunk
 
     _read_all_from(Dribble())
+
+
+def test_cluster_views_match_clusters() -> None:
+    """Full, partial and zero clusters, split across pieces anywhere: same slots, same bytes."""
+    disk = disk_image(37 * CLUSTER_SIZE + 4096 * 3, [2, 0, 1, 3, 2, 2, 0, 0])
+    archive = write_archive([("drive-a", disk), ("drive-b", FULL * 3)])
+    expected = [(c.dev_id, c.cluster_num, c.mask, c.data) for c in VmaReader(io.BytesIO(archive)).clusters()]
+    for sizes in [(len(archive),), (70001, 777, 4096 * 5 + 3), (CLUSTER_SIZE,), (12288, 512, CLUSTER_SIZE - 1)]:
+        reader = VmaReader(Views(archive, sizes))
+        got = [(c.dev_id, c.cluster_num, c.mask, None if c.data is None else bytes(c.data))
+               for c in reader.cluster_views()]
+        assert got == expected
+        assert reader.end_offset == len(archive)

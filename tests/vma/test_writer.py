@@ -10,6 +10,7 @@ import pytest
 from qmpbackup.errors import StateError
 from qmpbackup.vma import CLUSTER_SIZE, VmaError, VmaReader, VmaWriter
 from qmpbackup.vma import format as fmt
+from qmpbackup.vma.writer import ReusedPart, WriterState
 from tests.vma.archive_builder import TEST_UUID, extent_offsets, read_disks, write_archive
 
 
@@ -213,3 +214,78 @@ def test_memory_is_bounded_by_one_extent() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024
+
+
+class _FramedSink:
+    """Records where the writer asks a framed compressor to cut, and frames handed over whole."""
+
+    takes_frames = True
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.cuts: list[int] = []
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes | memoryview, /) -> None:
+        self.data += data
+
+    def end_frame(self) -> None:
+        if not self.cuts or self.cuts[-1] != len(self.data):
+            self.cuts.append(len(self.data))
+
+    def write_frame(self, frame: bytes | memoryview) -> None:
+        self.end_frame()
+        self.frames.append(bytes(frame))
+
+
+def test_a_framed_sink_is_cut_after_headers_and_every_16_slots() -> None:
+    sink = _FramedSink()
+    writer = VmaWriter(sink)
+    dev = writer.add_device("drive-scsi0", 40 * CLUSTER_SIZE)
+    for c in range(40):
+        writer.write_cluster(dev, c, bytes([c + 1]) * CLUSTER_SIZE if c != 3 else None)
+    writer.close()
+    header = 12800
+    data_start = header + fmt.EXTENT_HEADER_SIZE
+    assert sink.cuts == [header, data_start, data_start + 15 * CLUSTER_SIZE,  # slot 3 is zero: no data
+                         data_start + 31 * CLUSTER_SIZE, data_start + 39 * CLUSTER_SIZE]
+    assert read_disks(bytes(sink.data))[1][dev][3 * CLUSTER_SIZE:4 * CLUSTER_SIZE] == bytes(CLUSTER_SIZE)
+
+
+def test_reused_extents_keep_their_blocks_and_frames() -> None:
+    sink = _FramedSink()
+    writer = VmaWriter(sink)
+    dev = writer.add_device("d", 4 * CLUSTER_SIZE)
+    writer.write_cluster(dev, 0, b"a" * CLUSTER_SIZE)
+    block = b"b" * fmt.BLOCK_SIZE
+    writer.write_reused_extent([
+        fmt_part((dev, 1, 0), b""),
+        fmt_part((dev, 2, 0b101), block * 2, frame=b"FRAME"),   # blocks 0 and 2 stored
+        fmt_part((dev, 3, 0xFFFF), b"c" * CLUSTER_SIZE),
+    ])
+    assert sink.frames == [b"FRAME"] and writer.frames_reused == 1
+    with pytest.raises(VmaError, match="written twice"):
+        writer.write_reused_extent([fmt_part((dev, 3, 0), b"")])
+    assert writer.state is WriterState.FAILED
+    other = VmaWriter(io.BytesIO())
+    other.add_device("d", CLUSTER_SIZE)
+    with pytest.raises(VmaError, match="blocks but"):
+        other.write_reused_extent([fmt_part((1, 0, 1), b"")])
+
+
+def test_reused_extents_read_back_through_a_plain_sink() -> None:
+    out = io.BytesIO()
+    writer = VmaWriter(out)
+    dev = writer.add_device("d", 3 * CLUSTER_SIZE)
+    block = b"b" * fmt.BLOCK_SIZE
+    writer.write_reused_extent([fmt_part((dev, 2, 0b101), block * 2, frame=b"ignored: not a framed sink"),
+                                fmt_part((dev, 0, 0), b"")])
+    writer.write_cluster(dev, 1, b"x" * CLUSTER_SIZE)
+    writer.close()
+    disk = read_disks(out.getvalue())[1][dev]
+    assert disk[2 * CLUSTER_SIZE:3 * CLUSTER_SIZE] == block + bytes(fmt.BLOCK_SIZE) + block + bytes(13 * fmt.BLOCK_SIZE)
+    assert disk[:CLUSTER_SIZE] == bytes(CLUSTER_SIZE) and disk[CLUSTER_SIZE:2 * CLUSTER_SIZE] == b"x" * CLUSTER_SIZE
+
+
+def fmt_part(slot: tuple[int, int, int], payload: bytes, frame: bytes | None = None) -> ReusedPart:
+    return ReusedPart((slot,), payload, frame)
