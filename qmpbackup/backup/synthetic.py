@@ -107,18 +107,18 @@ async def fill_from_previous(previous: PreviousArchive, assemblers: Mapping[str,
 @contextlib.contextmanager
 def _open_previous(path: str) -> Iterator[tuple[ByteSource, Callable[[int], list[Frame]] | None]]:
     """The previous archive's plain bytes, and for zstd a way to get its frames by plain offset."""
+    with open_input(path) as probe:
+        zstd = probe.read(len(ZSTD_MAGIC)) == ZSTD_MAGIC
+    if not zstd:
+        with open_archive(path) as source:
+            yield source, None
+        return
     raw = open_input(path)
     try:
-        if raw.read(len(ZSTD_MAGIC)) == ZSTD_MAGIC:
-            raw.seek(0)
-            with FrameTrackingSource(raw) as frames:
-                yield frames, frames.take_frames
-            return
-        raw.seek(0)
+        with FrameTrackingSource(raw) as frames:
+            yield frames, frames.take_frames
     finally:
         raw.close()
-    with open_archive(path) as source:
-        yield source, None
 
 
 class _ExtentStream:
@@ -154,7 +154,7 @@ class _ExtentStream:
 
     def _run(self) -> None:
         try:
-            for extent in self._reader.extents():
+            for extent in self._reader.extents(clusters=False):
                 frames = [] if self._take_frames is None else self._take_frames(extent.offset + extent.size)
                 if not self._put((extent, frames)):
                     return

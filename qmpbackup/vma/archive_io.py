@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from qmpbackup.compress import open_decompressor
+from qmpbackup.direct_input import open_direct
 from qmpbackup.errors import QmpBackupError, UsageError
 from qmpbackup.vma.reader import ByteSource
 
@@ -24,14 +24,9 @@ def open_input(path: str) -> BinaryIO:
     if path == "-":
         return sys.stdin.buffer
     try:
-        raw = open(path, "rb")  # noqa: SIM115 - the caller closes it
+        return open_direct(path)  # one pass, front to back: see qmpbackup.direct_input
     except OSError as exc:
         raise UsageError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
-    # Archives are read front to back, usually cold (we write them with O_DIRECT): a
-    # sequential hint made cold reads 2.5-3.5x faster here (0.8-1.1 -> 2.8 GB/s).
-    with contextlib.suppress(OSError):
-        os.posix_fadvise(raw.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    return raw
 
 
 @contextlib.contextmanager

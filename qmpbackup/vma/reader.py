@@ -167,10 +167,14 @@ class VmaReader:
         self._offset += got
         return pieces, got
 
-    def extents(self, *, check_missing: bool = True) -> Iterator[Extent]:
-        """Validated extents until end of input; then, unless told not to, the missing-cluster check."""
+    def extents(self, *, check_missing: bool = True, clusters: bool = True) -> Iterator[Extent]:
+        """Validated extents until end of input; then, unless told not to, the missing-cluster check.
+
+        ``clusters=False`` leaves ``Extent.clusters`` empty for callers that use the payload
+        as stored (an incremental run copies it), which saves a copy of every cluster.
+        """
         for raw in self._raw_extents(check_missing):
-            yield _extent(raw)
+            yield _extent(raw, clusters)
 
     def cluster_views(self, *, check_missing: bool = True) -> Iterator[ClusterView]:
         """Like :meth:`clusters`, but ``data`` views the input instead of copying it (restore's fast path).
@@ -297,10 +301,11 @@ class _RawExtent(NamedTuple):
     placed: list[tuple[int, int, int, int]]  # dev_id, cluster, mask, payload offset
 
 
-def _extent(raw: _RawExtent) -> Extent:
+def _extent(raw: _RawExtent, with_clusters: bool = True) -> Extent:
     pieces = raw.pieces
     payload = pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
-    clusters = tuple(_expand(payload, dev_id, cluster, mask, at) for dev_id, cluster, mask, at in raw.placed)
+    clusters = (tuple(_expand(payload, dev_id, cluster, mask, at) for dev_id, cluster, mask, at in raw.placed)
+                if with_clusters else ())
     return Extent(raw.offset, raw.block_count, raw.blockinfo, clusters, payload)
 
 
