@@ -10,32 +10,24 @@ holes, and the conversion runs at disk speed.
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
+from qmpbackup.qemu_img import convert_timeout, failure_detail, run_qemu_img
 from qmpbackup.restore.errors import RestoreError
 
 log = logging.getLogger(__name__)
 
-CONVERT_MIN_TIMEOUT_S = 600.0
-CONVERT_MIN_RATE = 20 * 1024 * 1024  # bytes/s of virtual size a conversion may not fall below
-
 
 def convert_raw_to_qcow2(raw: Path, dest: Path, size: int, *, direct: bool = True) -> None:
     """Write ``dest`` (must not exist) as a qcow2 copy of the sparse raw file ``raw``."""
-    timeout = max(CONVERT_MIN_TIMEOUT_S, size / CONVERT_MIN_RATE)
-    cmd = ["qemu-img", "convert", "-q", "-W", "-f", "raw", "-O", "qcow2"]
+    args = ["convert", "-q", "-W", "-f", "raw", "-O", "qcow2"]
     if direct:
-        cmd += ["-t", "none"]
-    cmd += [str(raw), str(dest)]
-    log.debug("running %s", " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RestoreError(f"qemu-img convert to {dest.name}: {exc}") from exc
+        args += ["-t", "none"]
+    args += [str(raw), str(dest)]
+    proc = run_qemu_img(args, timeout=convert_timeout(size), what=f"qemu-img convert to {dest.name}",
+                        error=RestoreError)
     if proc.returncode != 0 and direct and "O_DIRECT" in proc.stderr:
         convert_raw_to_qcow2(raw, dest, size, direct=False)
         return
     if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
-        raise RestoreError(f"qemu-img convert to {dest.name} failed: {detail}")
+        raise RestoreError(f"qemu-img convert to {dest.name} failed: {failure_detail(proc)}")

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
 from pathlib import Path
 
+from qmpbackup.qemu_img import CONVERT_MIN_TIMEOUT_S, convert_timeout, failure_detail, run_qemu_img
 from qmpbackup.vma.errors import VmaError
 
 log = logging.getLogger(__name__)
 
-CONVERT_MIN_TIMEOUT_S = 600.0
-CONVERT_MIN_RATE = 20 * 1024 * 1024  # bytes/s of device size a conversion may not fall below
 FORMAT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -35,20 +33,15 @@ def convert_into(raw: Path, dest: Path, image_format: str, size: int, *, target_
 
     :raise ConvertError: ``qemu-img`` failed, could not run, or ran out of time.
     """
-    timeout = max(CONVERT_MIN_TIMEOUT_S, size / CONVERT_MIN_RATE)
+    timeout = convert_timeout(size)
     if rate_bps > 0:
         timeout = max(timeout, 2 * size / rate_bps + CONVERT_MIN_TIMEOUT_S)
-    cmd = ["qemu-img", "convert", "-q", "-n", "-W", "-f", "raw", "-O", image_format]
+    args = ["convert", "-q", "-n", "-W", "-f", "raw", "-O", image_format]
     if target_is_zero:
-        cmd.append("--target-is-zero")
+        args.append("--target-is-zero")
     if rate_bps > 0:
-        cmd += ["-r", str(rate_bps)]
-    cmd += [str(raw), str(dest)]
-    log.debug("running %s", " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ConvertError(f"qemu-img convert into {dest}: {exc}") from exc
+        args += ["-r", str(rate_bps)]
+    args += [str(raw), str(dest)]
+    proc = run_qemu_img(args, timeout=timeout, what=f"qemu-img convert into {dest}", error=ConvertError)
     if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
-        raise ConvertError(f"qemu-img convert into {dest} failed: {detail}")
+        raise ConvertError(f"qemu-img convert into {dest} failed: {failure_detail(proc)}")

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from typing import Protocol
 from qmpbackup.atomic_file import OutputExistsError, atomic_output
 from qmpbackup.compress import CompressOptions, open_compressor, parse_compress
 from qmpbackup.errors import UsageError
+from qmpbackup.qemu_img import convert_timeout, failure_detail, run_qemu_img
 from qmpbackup.store.names import temp_name
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.errors import VmaError
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 READ_CLUSTERS = 64  # clusters per read: 4 MiB
 QEMU_IMG_INFO_TIMEOUT_S = 60.0
-QEMU_IMG_CONVERT_MIN_TIMEOUT_S = 600.0
-QEMU_IMG_CONVERT_MIN_RATE = 20 * 1024 * 1024  # bytes/s a convert may not fall below
 TEMP_PARENT = Path("/var/tmp")
 _FORMAT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -152,32 +150,24 @@ def _pread_full(fd: int, target: memoryview, offset: int) -> int:
 
 
 def image_virtual_size(path: Path, image_format: str) -> int:
-    try:
-        proc = subprocess.run(
-            ["qemu-img", "info", "--output=json", "-f", image_format, str(path)],
-            capture_output=True, text=True, timeout=QEMU_IMG_INFO_TIMEOUT_S, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise VmaError(f"qemu-img info {path}: {exc}") from exc
+    what = f"qemu-img info {path}"
+    proc = run_qemu_img(["info", "--output=json", "-f", image_format, str(path)],
+                        timeout=QEMU_IMG_INFO_TIMEOUT_S, what=what, error=VmaError)
     if proc.returncode != 0:
-        raise VmaError(f"qemu-img info {path}: {proc.stderr.strip() or f'exit status {proc.returncode}'}")
+        raise VmaError(f"{what}: {failure_detail(proc, last_line=False)}")
     try:
         return int(json.loads(proc.stdout)["virtual-size"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise VmaError(f"qemu-img info {path}: unexpected output") from exc
+        raise VmaError(f"{what}: unexpected output") from exc
 
 
 def convert_to_raw(path: Path, image_format: str, dest: Path, size: int) -> None:
     """``qemu-img convert`` to a sparse raw file; the timeout scales with the image size."""
-    timeout = max(QEMU_IMG_CONVERT_MIN_TIMEOUT_S, size / QEMU_IMG_CONVERT_MIN_RATE)
-    cmd = ["qemu-img", "convert", "-f", image_format, "-O", "raw", str(path), str(dest)]
-    log.debug("running %s", " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise VmaError(f"qemu-img convert {path}: {exc}") from exc
+    what = f"qemu-img convert {path}"
+    proc = run_qemu_img(["convert", "-f", image_format, "-O", "raw", str(path), str(dest)],
+                        timeout=convert_timeout(size), what=what, error=VmaError)
     if proc.returncode != 0:
-        raise VmaError(f"qemu-img convert {path}: {proc.stderr.strip() or f'exit status {proc.returncode}'}")
+        raise VmaError(f"{what}: {failure_detail(proc, last_line=False)}")
 
 
 def image_size(disk: DiskSpec) -> int:

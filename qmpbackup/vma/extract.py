@@ -16,11 +16,12 @@ other formats through :mod:`qmpbackup.vma.convert_target`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,12 +201,8 @@ def extract(
     """
     selected = select_devices(reader, devices)
     _check_names(reader, selected)
-    _make_target_dir(target)
-    dir_fd = -1
-    fds: dict[int, int] = {}
-    try:
+    with _extract_folder(target) as (dir_fd, fds):
         try:
-            dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             _write_configs(reader, dir_fd)
             result: list[ExtractedDisk] = []
             for dev in selected:
@@ -229,6 +226,24 @@ def extract(
             return result
         except OSError as exc:
             raise VmaError(f"cannot extract to {target}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def _extract_folder(target: Path) -> Iterator[tuple[int, dict[int, int]]]:
+    """Create ``target`` (it must not exist) and yield its descriptor and a dict for the files opened in it.
+
+    On any failure the files are closed and the folder is removed; the
+    descriptors are closed in every case.
+    """
+    _make_target_dir(target)
+    fds: dict[int, int] = {}
+    dir_fd = -1
+    try:
+        try:
+            dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise VmaError(f"cannot extract to {target}: {exc.strerror or exc}") from exc
+        yield dir_fd, fds
     except BaseException:
         _close_all(fds)
         fds.clear()
@@ -350,12 +365,8 @@ def extract_mapped(
     """
     selected = select_devices(reader, devices)
     _check_names(reader, selected)
-    _make_target_dir(target)
-    fds: dict[int, int] = {}
-    dir_fd = -1
-    try:
+    with _extract_folder(target) as (dir_fd, fds):
         try:
-            dir_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             _write_configs(reader, dir_fd)
             os.fsync(dir_fd)
         except OSError as exc:
@@ -391,15 +402,6 @@ def extract_mapped(
             convert_into(target / disk_file_name(dev.name, temp=True), entry.path, image_format, dev.size,
                          target_is_zero=not entry.write_zeroes, rate_bps=int(buckets[_group(entry)].rate))
             os.unlink(disk_file_name(dev.name, temp=True), dir_fd=dir_fd)
-    except BaseException:
-        _close_all(fds)
-        fds.clear()
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-    finally:
-        _close_all(fds)
-        if dir_fd >= 0:
-            os.close(dir_fd)
 
 
 def _close_all(fds: dict[int, int]) -> None:

@@ -132,24 +132,10 @@ class VmaReader:
 
     def _read_exact(self, n: int) -> bytes:
         """Read ``n`` bytes unless the input ends first; short only at end of input."""
-        try:
-            chunk = self._source.read(n)
-            if len(chunk) == n or not chunk:
-                self._offset += len(chunk)
-                return chunk if type(chunk) is bytes else bytes(chunk)
-            parts = [chunk]
-            got = len(chunk)
-            while got < n:
-                chunk = self._source.read(n - got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-        except OSError as exc:
-            raise VmaError(f"cannot read archive at byte {self._offset}: {exc.strerror or exc}") from exc
-        data = b"".join(parts)
-        self._offset += len(data)
-        return data
+        pieces, _got = self._read_pieces(n)
+        if len(pieces) == 1 and type(pieces[0]) is bytes:
+            return pieces[0]
+        return b"".join(pieces)
 
     def _read_pieces(self, n: int) -> tuple[list[Piece], int]:
         """Like :meth:`_read_exact` but the pieces as the source returned them (no joining copy)."""
