@@ -81,24 +81,14 @@ class HostLock:
             raise LockError(f"cannot write pid file '{self.pid_path}': {exc.strerror}") from exc
 
     def acquire(self, wait_s: float) -> None:
-        """Take the lock, waiting up to ``wait_s`` seconds (polling) with one message when we wait."""
-        fd = self._open()
-        try:
-            if not self._try(fd):
-                log.info("trying to get global lock - waiting...")
-                deadline = time.monotonic() + wait_s
-                while not self._try(fd):
-                    if time.monotonic() >= deadline:
-                        raise LockTimeoutError(self.path, wait_s)
-                    time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-                log.info("got global lock")
-        except BaseException:
-            os.close(fd)
-            raise
-        self._got(fd)
+        """:meth:`acquire_async` for callers without an event loop."""
+        asyncio.run(self.acquire_async(wait_s))
 
     async def acquire_async(self, wait_s: float) -> None:
-        """As :meth:`acquire`, but waits with ``asyncio.sleep`` so cancellation ends the wait."""
+        """Take the lock, waiting up to ``wait_s`` seconds (polling) with one message when we wait.
+
+        The wait is an ``asyncio.sleep``, so cancellation ends it.
+        """
         fd = self._open()
         try:
             if not self._try(fd):
