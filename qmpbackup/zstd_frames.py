@@ -186,15 +186,6 @@ class FrameTrackingSource:
         self._stream_start = 0
         self._checksum = False
 
-    def close(self) -> None:
-        """Nothing to release beyond the raw file, which the caller closes."""
-
-    def __enter__(self) -> FrameTrackingSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def read(self, n: int = -1, /) -> bytes:
         if n < 0:
             raise ValueError("FrameTrackingSource reads need a size")

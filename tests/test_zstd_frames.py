@@ -43,11 +43,11 @@ def test_frames_round_trip_and_are_found_again(threads: int) -> None:
     plain = b"".join(parts[:6]) + streamed + b"".join(parts[6:])
     assert subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout == plain
 
-    with FrameTrackingSource(io.BytesIO(data)) as source:
-        got = bytearray()
-        while chunk := source.read(rng.randrange(1, 200_000)):
-            got += chunk
-        frames = source.take_frames(len(plain))
+    source = FrameTrackingSource(io.BytesIO(data))
+    got = bytearray()
+    while chunk := source.read(rng.randrange(1, 200_000)):
+        got += chunk
+    frames = source.take_frames(len(plain))
     assert got == plain
     ends = list(itertools.accumulate([len(p) for p in parts[:6]] + [len(streamed)] + [len(p) for p in parts[6:]]))
     assert [f.plain_end for f in frames] == ends
@@ -61,11 +61,11 @@ def test_frames_round_trip_and_are_found_again(threads: int) -> None:
 
 def test_a_large_frame_is_read_in_bounded_steps_and_not_kept() -> None:
     data = zstandard.ZstdCompressor(threads=2).compress(os.urandom(3 << 20) + bytes(40 << 20))
-    with FrameTrackingSource(io.BytesIO(data), keep_limit=1 << 20) as source:
-        sizes = []
-        while chunk := source.read(64 << 20):
-            sizes.append(len(chunk))
-        frames = source.take_frames(43 << 20)
+    source = FrameTrackingSource(io.BytesIO(data), keep_limit=1 << 20)
+    sizes = []
+    while chunk := source.read(64 << 20):
+        sizes.append(len(chunk))
+    frames = source.take_frames(43 << 20)
     assert max(sizes) <= 128 << 10  # one block at a time
     assert len(frames) == 1 and frames[0].plain_end == 43 << 20 and frames[0].compressed is None
 
@@ -79,6 +79,7 @@ def test_damage_is_a_frame_error(damage: str) -> None:
         "not zstd": b"hello world",
         "block header": good[:6] + b"\xff\xff\xff" + good[9:],
     }[damage]
-    with pytest.raises(FrameError), FrameTrackingSource(io.BytesIO(bad)) as source:
+    source = FrameTrackingSource(io.BytesIO(bad))
+    with pytest.raises(FrameError):
         while source.read(4096):
             pass

@@ -34,7 +34,7 @@ from qmpbackup.qemu.session import QmpSession
 from qmpbackup.compress import ZSTD_MAGIC
 from qmpbackup.vma import Extent, VmaReader
 from qmpbackup.vma import format as fmt
-from qmpbackup.vma.archive_io import open_archive, open_input
+from qmpbackup.vma.archive_io import archive_head, open_archive, open_input
 from qmpbackup.vma.reader import ByteSource
 from qmpbackup.vma.writer import ReusedPart, VmaWriter
 from qmpbackup.zstd_frames import Frame, FrameTrackingSource
@@ -107,18 +107,13 @@ async def fill_from_previous(previous: PreviousArchive, assemblers: Mapping[str,
 @contextlib.contextmanager
 def _open_previous(path: str) -> Iterator[tuple[ByteSource, Callable[[int], list[Frame]] | None]]:
     """The previous archive's plain bytes, and for zstd a way to get its frames by plain offset."""
-    with open_input(path) as probe:
-        zstd = probe.read(len(ZSTD_MAGIC)) == ZSTD_MAGIC
-    if not zstd:
+    if archive_head(path, len(ZSTD_MAGIC)) != ZSTD_MAGIC:
         with open_archive(path) as source:
             yield source, None
         return
-    raw = open_input(path)
-    try:
-        with FrameTrackingSource(raw) as frames:
-            yield frames, frames.take_frames
-    finally:
-        raw.close()
+    with open_input(path) as raw:
+        frames = FrameTrackingSource(raw)
+        yield frames, frames.take_frames
 
 
 class _ExtentStream:

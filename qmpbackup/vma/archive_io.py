@@ -26,7 +26,23 @@ def open_input(path: str) -> BinaryIO:
     try:
         return open_direct(path)  # one pass, front to back: see qmpbackup.direct_input
     except OSError as exc:
-        raise UsageError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
+        raise _cannot_open(path, exc) from exc
+
+
+def archive_head(path: str, n: int) -> bytes:
+    """The first ``n`` bytes of the archive file ``path``, read plainly (a peek needs no read-ahead).
+
+    :raise UsageError: as :func:`open_input`.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise _cannot_open(path, exc) from exc
+
+
+def _cannot_open(path: str, exc: OSError) -> UsageError:
+    return UsageError(f"cannot open archive {path}: {exc.strerror or exc}")
 
 
 @contextlib.contextmanager
