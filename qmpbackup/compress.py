@@ -30,7 +30,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Final, cast
+from typing import IO, Final, Self, cast
 
 import zstandard
 
@@ -261,7 +261,28 @@ class _Child:
 # --------------------------------------------------------------------------- writing
 
 
-class Compressor(abc.ABC):
+class _CloseOrAbort(abc.ABC):
+    """``with``: ``close`` (with its checks) on success, ``abort`` when the block raised."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Compressor(_CloseOrAbort):
     """A byte sink that compresses into a destination file; use as a context manager.
 
     ``close`` finishes the stream (and reaps a child, checking its status);
@@ -310,17 +331,6 @@ class Compressor(abc.ABC):
             self._abort()
         finally:
             self._ionice.restore()
-
-    def __enter__(self) -> Compressor:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.compression.value} {'open' if self._open else 'closed'}>"
@@ -461,7 +471,7 @@ def open_compressor(
 # --------------------------------------------------------------------------- reading
 
 
-class Decompressor(abc.ABC):
+class Decompressor(_CloseOrAbort):
     """A byte source of decompressed data; ``read`` returns b"" only at the (verified) end.
 
     Damage found while reading raises CompressError. ``close`` verifies the end
@@ -561,17 +571,6 @@ class Decompressor(abc.ABC):
         if not self._closed:
             self._closed = True
             self._release()
-
-    def __enter__(self) -> Decompressor:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.compression.value}>"
