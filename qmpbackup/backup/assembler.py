@@ -219,11 +219,7 @@ class ClusterAssembler:
         if c in self._partial:
             raise PointInTimeError(self.name, c, "QEMU sent only part of this changed cluster")
         clen = self._cluster_length(c)
-        if mask == 0:
-            self._zero[c >> 3] |= 1 << (c & 7)
-            self.stats.zero_bytes += clen
-        self._done[c >> 3] |= 1 << (c & 7)
-        self.stats.clusters_emitted += 1
+        self._mark_emitted(c, clen, zero=mask == 0)
         self.stats.bytes_reused += clen
         return clen
 
@@ -299,9 +295,13 @@ class ClusterAssembler:
     def _emit(self, c: int, piece: memoryview | None, clen: int) -> None:
         if piece is not None and _ZERO.startswith(piece):
             piece = None
-        if piece is None:
+        self.sink.write_cluster(self.dev_id, c, piece)
+        self._mark_emitted(c, clen, zero=piece is None)
+
+    def _mark_emitted(self, c: int, clen: int, *, zero: bool) -> None:
+        """Record that cluster ``c`` is in the archive (and whether it went out all zero)."""
+        if zero:
             self._zero[c >> 3] |= 1 << (c & 7)
             self.stats.zero_bytes += clen
-        self.sink.write_cluster(self.dev_id, c, piece)
         self._done[c >> 3] |= 1 << (c & 7)
         self.stats.clusters_emitted += 1
