@@ -3,7 +3,8 @@
 Two sources, in this order:
 
 1. the VM's journal (``<state-dir>/journal/<vmid>.jsonl``): replayed with every known
-   undo step (block jobs and targets, fleecing graph and images, a pause);
+   undo step (block jobs and targets, fleecing graph and images, a pause, a freeze: thawed
+   through the agent socket the entry names, whether QMP is reachable or not);
 2. *by name*, when the journal is gone or incomplete: our jobs, exports and nodes in the
    VM's QEMU (:func:`qmpbackup.qemu.naming.parse_name`), a device still sitting on our
    filter, and ``vm-<vmid>-fleece-*`` files on the file storages of storage.cfg.
@@ -24,6 +25,7 @@ from fleecing.graph import delete_export, set_device_node, undo_steps
 from fleecing.images import leftover_files
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FILE_TYPES, images_dir
+from qmpbackup.guest_agent.freeze import undo_steps as freeze_undo_steps
 from qmpbackup.qemu.nodes import KIND_BITMAP, KIND_BLOCKJOB, KIND_PAUSE, cancel_job, delete_node
 from qmpbackup.qemu.nodes import undo_steps as qemu_undo_steps
 from qmpbackup.jobs.storage_cfg import Storage
@@ -69,7 +71,7 @@ def _handlers(session: QmpSession | None, runner: Runner, report: CleanupReport)
     async def noop(entry: Entry) -> None:
         pass
 
-    handlers: dict[str, Undo] = dict(fleecing)
+    handlers: dict[str, Undo] = {**fleecing, **freeze_undo_steps(report.actions.append)}  # needs only QGA
     if session is not None:
         handlers.update(qemu_undo_steps(session))
     else:  # QEMU is gone, and what lived in it went with it
@@ -85,7 +87,7 @@ def _handlers(session: QmpSession | None, runner: Runner, report: CleanupReport)
 
 
 def _describe(data: Mapping[str, Any]) -> str:
-    for key in ("node", "job", "id", "path", "qdev", "socket"):
+    for key in ("node", "job", "id", "path", "qdev", "socket", "qga", "qmp"):
         if key in data:
             return str(data[key])
     return ""

@@ -41,17 +41,19 @@ from qmpbackup.backup.blockjobs import (
     detach_targets,
     plan_jobs,
     run_jobs,
-    undo_steps,
 )
 from qmpbackup.backup import incremental
 from qmpbackup.backup.datapath import ArchiveDataPath, DeviceSpec
+from qmpbackup.backup.guard import guarded
+from qmpbackup.backup.kill_points import hold
 from qmpbackup.backup.progress import Progress, closing_lines
 from qmpbackup.backup.synthetic import complete_from_previous
 from qmpbackup.backup.tasklog import TaskLog
 from qmpbackup.compress import Compression, CompressOptions
 from qmpbackup.errors import QmpBackupError, UsageError
 from qmpbackup.guest_agent.client import GuestAgentClient
-from qmpbackup.guest_agent.freeze import frozen_window
+from qmpbackup.guest_agent.freeze import KIND_FREEZE, frozen_window
+from qmpbackup.guest_agent.freeze import undo_steps as freeze_undo_steps
 from qmpbackup.guest_config import GuestDefinition, format_size, guest_from_running
 from fleecing.drives import Fleecing
 from fleecing.graph import undo_steps as fleecing_undo_steps
@@ -62,7 +64,7 @@ from qmpbackup.jobs.vzdump_conf import VzdumpOptions
 from qmpbackup.journal import Entry, Journal, unwind
 from qmpbackup.qemu.capabilities import Capabilities, probe
 from qmpbackup.qemu.discovery import Disk, discover_disks
-from qmpbackup.qemu.nodes import KIND_PAUSE
+from qmpbackup.qemu.nodes import KIND_PAUSE, undo_steps
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.spawn import SpawnedQemu
 from qmpbackup.render import render_hms, render_size_decimal
@@ -338,7 +340,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
 
         journal = Journal.open(req.state_dir / "journal" / f"{req.vmid}.jsonl")
         stack.callback(journal.close)
-        handlers = {**fleecing_undo_steps(session), **undo_steps(session)}
+        handlers = {**fleecing_undo_steps(session), **undo_steps(session), **freeze_undo_steps(tasklog.warn)}
         if journal.pending():
             tasklog.warn("cleaning up what an earlier run of this VM left behind")
             for failure in await unwind(journal, handlers):
@@ -519,47 +521,62 @@ def _start_window(req: GuestRequest, definition: GuestDefinition, session: QmpSe
         async def start() -> None:
             if before_start is not None:
                 await before_start()
+                await hold("snapshot")
             await job_start()
+            await hold("started")
 
-        pause: Entry | None = None
-        if mode == "suspend" and status == "running":
-            tasklog.info("suspending guest")
-            pause = journal.record(KIND_PAUSE)
-            await session.execute("stop")
-        paused_at = time.monotonic()
-        qga = req.qga or definition.reach.qga
-        wants_freeze = mode == "snapshot" and status == "running" and not user_paused
-        if wants_freeze and not (definition.agent.enabled and definition.agent.freeze_fs and qga):
-            if definition.agent.enabled and not definition.agent.freeze_fs:
-                tasklog.info("skipping guest filesystem freeze - disabled in VM options")
-            wants_freeze = False
-        if wants_freeze and qga is not None:
-            agent = GuestAgentClient(str(qga), name=f"VM {req.vmid}")
-            try:
-                async with frozen_window(agent) as outcome:
-                    if outcome.frozen:
-                        tasklog.info("issuing guest-agent 'fs-freeze' command")
-                    elif outcome.skipped:
-                        tasklog.warn(f"skipping guest filesystem freeze - {outcome.skipped}")
-                    elif outcome.error:
-                        tasklog.error(f"guest filesystem freeze failed - {outcome.error}")
-                    tasklog.info("starting backup via QMP command")
-                    await start()
-                    if outcome.frozen:
-                        tasklog.info("issuing guest-agent 'fs-thaw' command")
-            finally:
-                await agent.close()
-            result.freeze_window_s = outcome.frozen_for_s
-            if outcome.frozen_for_s is not None:
-                tasklog.info(f"guest filesystems were frozen for {outcome.frozen_for_s:.3f} s")
-        else:
-            tasklog.info("starting backup via QMP command")
-            await start()
-        tasklog.info("started backup task")
-        if pause is not None:
-            tasklog.info(f"resuming VM again after {int(time.monotonic() - paused_at)} seconds")
-            await session.execute("cont")
-            journal.resolve(pause)
+        label = f"VM {req.vmid}"
+        pause = mode == "suspend" and status == "running"
+        async with contextlib.AsyncExitStack() as stack:
+            if pause:  # journaled and guarded: a run that dies now does not leave the VM paused
+                tasklog.info("suspending guest")
+                await stack.enter_async_context(guarded(
+                    journal, KIND_PAUSE, {"qmp": session.socket_path}, undo_steps(session)[KIND_PAUSE],
+                    label=label, warn=tasklog.warn, qmp=session.socket_path))
+                await hold("recorded")
+                await session.execute("stop")
+                await hold("paused")
+            paused_at = time.monotonic()
+            qga = req.qga or definition.reach.qga
+            wants_freeze = mode == "snapshot" and status == "running" and not user_paused
+            if wants_freeze and not (definition.agent.enabled and definition.agent.freeze_fs and qga):
+                if definition.agent.enabled and not definition.agent.freeze_fs:
+                    tasklog.info("skipping guest filesystem freeze - disabled in VM options")
+                wants_freeze = False
+            if wants_freeze and qga is not None:
+                async with guarded(journal, KIND_FREEZE, {"qga": str(qga), "vm": label},
+                                   freeze_undo_steps()[KIND_FREEZE], label=label, warn=tasklog.warn,
+                                   qga=str(qga)):
+                    await hold("recorded")
+                    agent = GuestAgentClient(str(qga), name=label)
+                    try:
+                        async with frozen_window(agent) as outcome:
+                            if outcome.thawed_first:
+                                tasklog.warn("guest filesystems were still frozen (a run that died?) "
+                                             "- thawed them before freezing")
+                            if outcome.frozen:
+                                tasklog.info("issuing guest-agent 'fs-freeze' command")
+                                await hold("frozen")
+                            elif outcome.skipped:
+                                tasklog.warn(f"skipping guest filesystem freeze - {outcome.skipped}")
+                            elif outcome.error:
+                                tasklog.error(f"guest filesystem freeze failed - {outcome.error}")
+                            tasklog.info("starting backup via QMP command")
+                            await start()
+                            if outcome.frozen:
+                                tasklog.info("issuing guest-agent 'fs-thaw' command")
+                    finally:
+                        await agent.close()
+                result.freeze_window_s = outcome.frozen_for_s
+                if outcome.frozen_for_s is not None:
+                    tasklog.info(f"guest filesystems were frozen for {outcome.frozen_for_s:.3f} s")
+            else:
+                tasklog.info("starting backup via QMP command")
+                await start()
+            tasklog.info("started backup task")
+            if pause:
+                tasklog.info(f"resuming VM again after {int(time.monotonic() - paused_at)} seconds")
+                await session.execute("cont")
 
     return window
 

@@ -10,9 +10,14 @@ raised: loud, and never hidden behind the block's own error.
 
 The bounds follow vzdump (anchors.md B.4): guest-ping 3 s; a guest that does
 not answer is backed up without a freeze ("agent configured but not running?");
-an already frozen guest is left alone; guest-fsfreeze-freeze gets 600 s, then up
-to 5 guest-fsfreeze-status polls of 600 s each must see "frozen", otherwise we
-give up; guest-fsfreeze-thaw gets 180 s.
+guest-fsfreeze-freeze gets 600 s, then up to 5 guest-fsfreeze-status polls of 600 s
+each must see "frozen", otherwise we give up; guest-fsfreeze-thaw gets 180 s.
+
+Unlike vzdump, a guest that is already frozen when the window opens is thawed first
+(``FreezeOutcome.thawed_first``) and then frozen as usual: the callers hold the VM's
+journal lock, so that freeze belongs to no live run of ours; it is what a run that was
+killed inside its window left behind. :func:`undo_steps` is the journal's step for a
+recorded freeze (kind ``freeze``): thaw if still frozen.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -29,11 +34,16 @@ from qmpbackup.guest_agent.errors import (
     GuestAgentCommandError,
     GuestAgentError,
     GuestAgentTimeoutError,
+    GuestAgentUnavailableError,
     GuestFreezeError,
     GuestThawError,
 )
+from qmpbackup.journal import Entry, Undo
 
 log = logging.getLogger(__name__)
+
+#: The journal kind of a freeze; its data: ``qga`` (the agent socket) and ``vm`` (a label).
+KIND_FREEZE = "freeze"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +67,9 @@ class FreezeOutcome:
 
     ``frozen`` is True while the block runs only if the guest really is frozen
     by us. ``skipped`` says why no freeze was attempted; ``error`` why an
-    attempt failed (the guest was thawed again). Durations are in seconds.
+    attempt failed (the guest was thawed again); ``thawed_first`` that the guest
+    was found frozen (by a run that died) and thawed before our freeze.
+    Durations are in seconds.
     """
 
     frozen: bool = False
@@ -69,6 +81,7 @@ class FreezeOutcome:
     thaw_s: float | None = None
     frozen_for_s: float | None = None
     thawed: bool = False
+    thawed_first: bool = False
 
 
 @asynccontextmanager
@@ -77,13 +90,14 @@ async def frozen_window(agent: GuestAgentClient, *, timeouts: FreezeTimeouts = F
     """Freeze → yield FreezeOutcome → thaw, with the guarantees described in the module doc.
 
     ``agent`` may be connected or not (it is connected with the ping limit).
-    Without ``strict``, a missing agent, an already frozen guest or a failed
-    freeze are recorded on the outcome and logged, and the block runs unfrozen
-    (vzdump's behaviour). With ``strict`` they raise GuestFreezeError instead
-    (after the thaw). Raises GuestThawError when a thaw was needed and failed.
+    Without ``strict``, a missing agent or a failed freeze are recorded on the
+    outcome and logged, and the block runs unfrozen (vzdump's behaviour). With
+    ``strict`` they raise GuestFreezeError instead (after the thaw). Raises
+    GuestThawError when a thaw was needed and failed, also the thaw of a guest
+    found frozen.
     """
     outcome = FreezeOutcome()
-    reason = await _check_agent(agent, timeouts)
+    reason = await _check_agent(agent, timeouts, outcome)
     if reason is not None:
         outcome.skipped = reason
         if strict:
@@ -144,8 +158,9 @@ async def _thaw_then_reraise(agent: GuestAgentClient, timeouts: FreezeTimeouts,
         log.critical("%s: %s", agent.name, thaw_exc)
 
 
-async def _check_agent(agent: GuestAgentClient, timeouts: FreezeTimeouts) -> str | None:
-    """None if a freeze should be attempted, else the reason to skip it."""
+async def _check_agent(agent: GuestAgentClient, timeouts: FreezeTimeouts,
+                       outcome: FreezeOutcome) -> str | None:
+    """None if a freeze should be attempted, else the reason to skip it; thaws a frozen guest."""
     try:
         if agent.state is AgentState.DISCONNECTED:
             await agent.connect(timeout=timeouts.ping_s)
@@ -157,7 +172,9 @@ async def _check_agent(agent: GuestAgentClient, timeouts: FreezeTimeouts) -> str
     except GuestAgentError as exc:
         return f"cannot read freeze status ({exc})"
     if status is FreezeStatus.FROZEN:
-        return "already frozen"
+        log.debug("%s: found frozen, thawing before the freeze", agent.name)
+        await _thaw_shielded(agent, timeouts, FreezeOutcome())
+        outcome.thawed_first = True
     return None
 
 
@@ -214,8 +231,11 @@ async def _thaw_shielded(agent: GuestAgentClient, timeouts: FreezeTimeouts,
     task.result()
 
 
-async def _thaw(agent: GuestAgentClient, timeouts: FreezeTimeouts, outcome: FreezeOutcome) -> None:
-    """Thaw and confirm the status; reconnect on a lost connection. Raises GuestThawError."""
+async def _thaw(agent: GuestAgentClient, timeouts: FreezeTimeouts, outcome: FreezeOutcome) -> int:
+    """Thaw and confirm the status; reconnect on a lost connection. Raises GuestThawError.
+
+    Returns how many filesystems the agent thawed.
+    """
     started = time.monotonic()
     last: GuestAgentError | None = None
     log.info("%s: issuing guest-agent 'fs-thaw' command", agent.name)
@@ -242,7 +262,7 @@ async def _thaw(agent: GuestAgentClient, timeouts: FreezeTimeouts, outcome: Free
             outcome.thawed = True
             outcome.thaw_s = time.monotonic() - started
             log.debug("%s: thawed %d filesystems in %.3f s", agent.name, thawed, outcome.thaw_s)
-            return
+            return thawed
         last = GuestThawError(f"{agent.where}: still frozen after guest-fsfreeze-thaw",
                               target=agent.name, socket_path=agent.socket_path,
                               command="guest-fsfreeze-thaw")
@@ -251,3 +271,36 @@ async def _thaw(agent: GuestAgentClient, timeouts: FreezeTimeouts, outcome: Free
         f"{agent.where}: could not thaw after {timeouts.thaw_attempts} attempts, guest filesystems "
         f"may still be frozen (run guest-fsfreeze-thaw by hand): {detail}",
         target=agent.name, socket_path=agent.socket_path, command="guest-fsfreeze-thaw") from last
+
+
+async def thaw_left_frozen(socket_path: str, name: str, *,
+                           timeouts: FreezeTimeouts = FreezeTimeouts()) -> int:
+    """Thaw a guest a dead run left frozen; returns the filesystems thawed (0: it was not frozen).
+
+    A socket without a listener means its QEMU is gone, and the freeze with it (0).
+    Raises GuestAgentError when the agent cannot be asked (a paused VM, a busy socket).
+    """
+    agent = GuestAgentClient(socket_path, name=name)
+    try:
+        await agent.connect(timeout=timeouts.reconnect_s)
+    except GuestAgentUnavailableError as exc:
+        if isinstance(exc.__cause__, (FileNotFoundError, ConnectionRefusedError)):
+            return 0
+        raise
+    try:
+        if await agent.fsfreeze_status(timeout=timeouts.status_s) is not FreezeStatus.FROZEN:
+            return 0
+        return max(1, await _thaw(agent, timeouts, FreezeOutcome()))
+    finally:
+        await agent.close()
+
+
+def undo_steps(say: Callable[[str], None] | None = None) -> dict[str, Undo]:
+    """The journal's step for ``freeze``; ``say`` gets one line when a guest had to be thawed."""
+
+    async def undo_freeze(entry: Entry) -> None:
+        qga = str(entry.data["qga"])
+        if await thaw_left_frozen(qga, str(entry.data.get("vm") or qga)) and say is not None:
+            say("guest filesystems were still frozen by an earlier run that died - thawed them")
+
+    return {KIND_FREEZE: undo_freeze}

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from qmpbackup.guest_agent import (
     FreezeTimeouts,
     GuestAgentClient,
+    GuestAgentUnavailableError,
     GuestFreezeError,
     GuestThawError,
     frozen_window,
 )
+from qmpbackup.guest_agent.freeze import KIND_FREEZE, thaw_left_frozen, undo_steps
+from qmpbackup.journal import Entry
 from tests.guest_agent.fake_agent import FakeAgent
 
 pytestmark = pytest.mark.timeout(30)
@@ -154,12 +159,50 @@ async def test_thaw_impossible_when_socket_gone(fake_agent: FakeAgent) -> None:
                 os.unlink(fake_agent.path)
 
 
-async def test_already_frozen_is_left_alone(fake_agent: FakeAgent) -> None:
+async def test_already_frozen_is_thawed_first_then_frozen(fake_agent: FakeAgent) -> None:
+    """A frozen guest at the start is what a killed run left: thaw, then freeze as usual."""
     fake_agent.frozen = True
     async with GuestAgentClient(fake_agent.path) as agent:
         async with frozen_window(agent, timeouts=FAST) as outcome:
-            assert outcome.skipped == "already frozen" and not outcome.attempted
-        assert fake_agent.frozen and "guest-fsfreeze-thaw" not in fake_agent.received
+            assert outcome.thawed_first and outcome.frozen and fake_agent.frozen
+        assert not fake_agent.frozen and outcome.thawed
+    commands = [c for c in fake_agent.received if c.startswith("guest-fsfreeze-") and c != "guest-fsfreeze-status"]
+    assert commands == ["guest-fsfreeze-thaw", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+
+
+async def test_already_frozen_that_cannot_be_thawed_fails_loudly(fake_agent: FakeAgent) -> None:
+    fake_agent.frozen = True
+    fake_agent.errors["guest-fsfreeze-thaw"] = ("GenericError", "thaw refused")
+    async with GuestAgentClient(fake_agent.path) as agent:
+        with pytest.raises(GuestThawError, match="may still be frozen"):
+            async with frozen_window(agent, timeouts=FAST):
+                pytest.fail("the block must not run")
+
+
+async def test_undo_step_thaws_only_a_frozen_guest(fake_agent: FakeAgent) -> None:
+    said: list[str] = []
+    undo = undo_steps(said.append)[KIND_FREEZE]
+    entry = Entry(1, KIND_FREEZE, {"qga": fake_agent.path, "vm": "VM 3"})
+    await undo(entry)
+    assert said == [] and "guest-fsfreeze-thaw" not in fake_agent.received
+    fake_agent.frozen = True
+    await undo(entry)
+    assert not fake_agent.frozen and len(said) == 1 and "thawed" in said[0]
+
+
+async def test_undo_step_when_qemu_is_gone(short_dir: Path) -> None:
+    """No socket, or a socket file nobody listens on: the freeze went with its QEMU."""
+    assert await thaw_left_frozen(str(short_dir / "missing.sock"), "VM 4") == 0
+    stale = short_dir / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))
+    assert await thaw_left_frozen(str(stale), "VM 4") == 0
+
+
+async def test_undo_step_keeps_the_record_when_the_agent_is_silent(fake_agent: FakeAgent) -> None:
+    fake_agent.silent = True  # a paused VM: the guest may still be frozen
+    with pytest.raises(GuestAgentUnavailableError):
+        await thaw_left_frozen(fake_agent.path, "VM 5", timeouts=FAST)
 
 
 async def test_no_agent_skips_or_raises(fake_agent: FakeAgent) -> None:

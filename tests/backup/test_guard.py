@@ -1,0 +1,182 @@
+"""The freeze guard process and ``guarded`` against the fake agent (fast); QMP against a real QEMU.
+
+The real guest, killed backups and both QEMU versions are in tests/integration/test_freeze_guard.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from qmpbackup.backup.guard import GUARD_PROGRAM, Guard, guarded
+from qmpbackup.guest_agent.freeze import KIND_FREEZE, undo_steps
+from qmpbackup.journal import Entry, Journal
+from qmpbackup.qemu.session import QmpSession
+from tests.guest_agent.fake_agent import FakeAgent
+from tests.support.qemu import QemuBinaries, RunningQemu, qemu, qemu_vm  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="grd-", dir="/tmp") as path:
+        yield Path(path)
+
+
+@pytest.fixture
+async def agent(short_dir: Path) -> AsyncIterator[FakeAgent]:
+    fake = await FakeAgent(str(short_dir / "qga.sock")).start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+async def _exit_of(guard: Guard, timeout: float = 10.0) -> int:
+    return await asyncio.to_thread(guard.proc.wait, timeout)
+
+
+async def test_done_leaves_everything_alone(agent: FakeAgent) -> None:
+    agent.frozen = True
+    guard = await Guard.start("VM 1", qga=agent.path)
+    assert os.getsid(guard.proc.pid) == guard.proc.pid, "the guard runs in its own session"
+    await guard.release(done=True)
+    assert guard.proc.returncode == 0
+    assert agent.connections == 0 and agent.frozen
+
+
+async def test_end_of_file_thaws(agent: FakeAgent) -> None:
+    agent.frozen = True
+    agent.queue_stale(b'{"return": "frozen"}\n')  # a reply the dead run never read
+    guard = await Guard.start("VM 2", qga=agent.path)
+    await guard.release(done=False)
+    assert await _exit_of(guard) == 0
+    assert not agent.frozen
+    assert agent.received[-3:] == ["guest-fsfreeze-status", "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
+
+
+async def test_end_of_file_with_a_thawed_guest_does_nothing(agent: FakeAgent) -> None:
+    guard = await Guard.start("VM 3", qga=agent.path)
+    await guard.release(done=False)
+    assert await _exit_of(guard) == 0
+    assert "guest-fsfreeze-thaw" not in agent.received
+
+
+async def test_gives_up_within_its_bound_and_says_so(agent: FakeAgent) -> None:
+    agent.silent = True
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-S", str(GUARD_PROGRAM), "--label", "VM 4", "--qga", agent.path,
+        "--act-for", "1.5", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 1 and time.monotonic() - started < 5
+    assert b"could not thaw the guest within 1.5 s" in err and b"by hand" in err
+
+
+def test_socket_of_a_gone_qemu_ends_the_guard_at_once(short_dir: Path) -> None:
+    run = subprocess.run([sys.executable, "-I", "-S", str(GUARD_PROGRAM), "--label", "VM 5",
+                          "--qga", str(short_dir / "gone.sock")], stdin=subprocess.DEVNULL,
+                         capture_output=True, timeout=10, check=False)
+    assert run.returncode == 0 and b"nothing to thaw" in run.stderr
+
+
+async def test_survives_a_kill_of_the_starting_process_group(agent: FakeAgent, short_dir: Path) -> None:
+    """The run and its process group die by SIGKILL; the guard (own session) thaws, then exits."""
+    script = short_dir / "run.py"
+    script.write_text(
+        "import asyncio, time\n"
+        "from qmpbackup.backup.guard import Guard\n"
+        f"guard = asyncio.run(Guard.start('VM 6', qga={agent.path!r}))\n"
+        "print(guard.proc.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    agent.frozen = True
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=subprocess.PIPE,
+                                                start_new_session=True)
+    assert proc.stdout is not None
+    guard_pid = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+    os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+    killed = time.monotonic()
+    while agent.frozen:
+        assert time.monotonic() - killed < 5, "the guard did not thaw"
+        await asyncio.sleep(0.01)
+    while _alive(guard_pid):
+        assert time.monotonic() - killed < 5, "the guard did not exit"
+        await asyncio.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_guarded_resolves_and_releases_on_success(agent: FakeAgent, short_dir: Path) -> None:
+    journal = Journal.open(short_dir / "j.jsonl")
+    undo = undo_steps()[KIND_FREEZE]
+    async with guarded(journal, KIND_FREEZE, {"qga": agent.path, "vm": "VM 7"}, undo, label="VM 7",
+                       warn=pytest.fail, qga=agent.path) as entry:
+        assert [e.kind for e in journal.pending()] == [KIND_FREEZE]
+        assert entry.data["qga"] == agent.path
+    assert journal.pending() == []
+    journal.close()
+    assert agent.connections == 0
+
+
+async def test_guarded_undoes_on_error_before_releasing(agent: FakeAgent, short_dir: Path) -> None:
+    journal = Journal.open(short_dir / "j.jsonl")
+    calls: list[Entry] = []
+
+    async def undo(entry: Entry) -> None:
+        calls.append(entry)
+
+    with pytest.raises(RuntimeError):
+        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 8",
+                           warn=pytest.fail, qga=agent.path):
+            raise RuntimeError("job start failed")
+    assert len(calls) == 1 and journal.pending() == []
+    journal.close()
+
+
+async def test_guarded_keeps_the_record_when_the_undo_fails(agent: FakeAgent, short_dir: Path) -> None:
+    journal = Journal.open(short_dir / "j.jsonl")
+    agent.frozen = True
+
+    async def undo(entry: Entry) -> None:
+        raise OSError("agent gone")
+
+    with pytest.raises(asyncio.CancelledError):
+        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 9",
+                           warn=pytest.fail, qga=agent.path):
+            raise asyncio.CancelledError()
+    assert [e.kind for e in journal.pending()] == [KIND_FREEZE]
+    journal.close()
+    deadline = time.monotonic() + 10
+    while agent.frozen:  # the guard was let loose: it thaws
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_guard_resumes_a_vm_we_paused(qemu_vm, short_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Real QEMU (no guest): stopped → the guard sends cont; a VM not paused is left alone."""
+    vm: RunningQemu = qemu_vm()
+    async with QmpSession("10", vm.qmp_path) as session:
+        await session.execute("cont")
+        await session.execute("stop")
+        guard = await Guard.start("VM 10", qmp=str(vm.qmp_path))
+    await guard.release(done=False)  # our session is closed: QEMU accepts the guard
+    assert await _exit_of(guard) == 0
+    async with QmpSession("10", vm.qmp_path) as session:
+        assert (await session.execute("query-status"))["status"] == "running"
