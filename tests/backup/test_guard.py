@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -169,9 +169,9 @@ async def test_guarded_keeps_the_record_when_the_undo_fails(agent: FakeAgent, sh
         await asyncio.sleep(0.02)
 
 
-async def test_guard_resumes_a_vm_we_paused(qemu_vm, short_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    """Real QEMU (no guest): stopped → the guard sends cont; a VM not paused is left alone."""
-    vm: RunningQemu = qemu_vm()
+async def test_guard_resumes_a_vm_we_paused(qemu_vm: Callable[..., RunningQemu]) -> None:  # noqa: F811
+    """Real QEMU (no guest, so no disks): stopped, then the guard sends cont."""
+    vm = qemu_vm()
     async with QmpSession("10", vm.qmp_path) as session:
         await session.execute("cont")
         await session.execute("stop")
