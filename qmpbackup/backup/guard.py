@@ -50,7 +50,13 @@ class Guard:
             argv += ["--qga", qga]
         if qmp is not None:
             argv += ["--qmp", qmp]
-        return await asyncio.to_thread(cls._launch, argv)
+        launch = asyncio.ensure_future(asyncio.to_thread(cls._launch, argv))
+        try:
+            return await asyncio.shield(launch)
+        except asyncio.CancelledError:  # no guard may outlive this: let it start, then end it
+            with contextlib.suppress(OSError, TimeoutError):
+                await (await launch).release(done=True)
+            raise
 
     @classmethod
     def _launch(cls, argv: list[str]) -> Guard:
@@ -106,17 +112,19 @@ async def guarded(journal: Journal, kind: str, data: Mapping[str, Any], undo: Un
     """
     entry = journal.record(kind, **data)
     guard: Guard | None = None
-    try:
-        guard = await Guard.start(label, qga=qga, qmp=qmp)
-    except (OSError, TimeoutError) as exc:
-        warn(f"cannot start the {kind} guard ({exc}); if this run is killed now, "
-             "the next run or 'qmpbackup cleanup' undoes the " + kind)
     settled = False
     try:
+        try:
+            guard = await Guard.start(label, qga=qga, qmp=qmp)
+        except (OSError, TimeoutError) as exc:
+            warn(f"cannot start the {kind} guard ({exc}); if this run is killed now, "
+                 "the next run or 'qmpbackup cleanup' undoes the " + kind)
         yield entry
         settled = True
     except BaseException:
-        settled = await _undo_shielded(undo, entry, label)
+        settled, cancelled = await _undo_shielded(undo, entry, label)
+        if cancelled:  # a signal arrived during the undo: it ends the run, whatever failed before
+            raise asyncio.CancelledError() from None
         raise
     finally:
         if settled:
@@ -125,20 +133,24 @@ async def guarded(journal: Journal, kind: str, data: Mapping[str, Any], undo: Un
             await guard.release(done=settled)
 
 
-async def _undo_shielded(undo: Undo, entry: Entry, label: str) -> bool:
-    """Run the undo step to its end even if we are cancelled meanwhile; True if it worked."""
+async def _undo_shielded(undo: Undo, entry: Entry, label: str) -> tuple[bool, bool]:
+    """Run the undo step to its end even if we are cancelled meanwhile.
+
+    Returns whether it worked, and whether a cancellation arrived meanwhile.
+    """
     async def bounded() -> None:
         async with asyncio.timeout(UNDO_TIMEOUT_S):
             await undo(entry)
 
     task = asyncio.create_task(bounded(), name=f"undo {entry.kind} {label}")
+    cancelled = False
     while not task.done():
         try:
             await asyncio.wait({task})
         except asyncio.CancelledError:
-            continue  # the caller is already unwinding: finish the undo first
+            cancelled = True  # finish the undo first
     if task.cancelled() or task.exception() is not None:
         log.warning("%s: undoing the %s failed: %s", label, entry.kind,
                     "cancelled" if task.cancelled() else task.exception())
-        return False
-    return True
+        return False, cancelled
+    return True, cancelled

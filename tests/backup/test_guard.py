@@ -180,3 +180,52 @@ async def test_guard_resumes_a_vm_we_paused(qemu_vm: Callable[..., RunningQemu])
     assert await _exit_of(guard) == 0
     async with QmpSession("10", vm.qmp_path) as session:
         assert (await session.execute("query-status"))["status"] == "running"
+
+
+async def test_a_signal_during_the_undo_lets_it_finish_then_ends_the_run(agent: FakeAgent,
+                                                                         short_dir: Path) -> None:
+    journal = Journal.open(short_dir / "j.jsonl")
+    undoing, undone = asyncio.Event(), asyncio.Event()
+
+    async def undo(entry: Entry) -> None:
+        undoing.set()
+        await asyncio.sleep(0.3)
+        undone.set()
+
+    async def window() -> None:
+        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 11",
+                           warn=pytest.fail, qga=agent.path):
+            raise RuntimeError("job start failed")
+
+    task = asyncio.create_task(window())
+    await asyncio.wait_for(undoing.wait(), 10)
+    while not task.done() and not undone.is_set():
+        task.cancel()
+        await asyncio.sleep(0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert undone.is_set() and journal.pending() == []
+    journal.close()
+
+
+async def test_a_signal_while_the_guard_starts_leaves_no_guard(agent: FakeAgent, short_dir: Path) -> None:
+    journal = Journal.open(short_dir / "j.jsonl")
+    undone: list[Entry] = []
+
+    async def undo(entry: Entry) -> None:
+        undone.append(entry)
+
+    async def window() -> None:
+        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 12",
+                           warn=pytest.fail, qga=agent.path):
+            pytest.fail("the block must not run")
+
+    task = asyncio.create_task(window())
+    await asyncio.sleep(0)  # inside Guard.start
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(undone) == 1 and journal.pending() == []
+    journal.close()
+    await asyncio.sleep(0.2)
+    assert agent.connections == 0, "the guard was told done, not let loose"
