@@ -31,6 +31,7 @@ import socket
 import sys
 import syslog
 import time
+from collections.abc import Callable
 from typing import Any
 
 ARMED_FOR_S = 7200.0  # above the longest freeze window (vzdump's freeze, status polls and thaw limits)
@@ -117,6 +118,36 @@ class Line:
         self.sock.close()
 
 
+def with_retries(path: str, act_for: float, attempt_s: float,
+                 step: Callable[[Line, float], str | None]) -> str | None:
+    """``step(connection, deadline)`` on fresh connections until it returns None (done) or time is up.
+
+    Returns None, or the last reason it did not work. Raises Gone when nobody listens.
+    """
+    deadline = time.monotonic() + act_for
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            conn = Line(path, min(deadline, time.monotonic() + attempt_s))
+        except Gone:
+            raise
+        except OSError as exc:
+            last = str(exc)
+            time.sleep(RETRY_PAUSE_S)
+            continue
+        try:
+            failure = step(conn, deadline)
+            if failure is None:
+                return None
+            last = failure
+        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+            last = str(exc) or type(exc).__name__
+        finally:
+            conn.close()
+        time.sleep(RETRY_PAUSE_S)
+    return last
+
+
 def agent_call(conn: Line, command: str) -> Any:
     conn.send(json.dumps({"execute": command}).encode() + b"\n")
     reply = conn.reply()
@@ -127,44 +158,34 @@ def agent_call(conn: Line, command: str) -> Any:
 
 def thaw(path: str, label: str, act_for: float) -> bool:
     """Thaw if frozen; True when the guest is (now) thawed or gone with its QEMU."""
-    deadline = time.monotonic() + act_for
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        try:
-            conn = Line(path, min(deadline, time.monotonic() + ATTEMPT_S))
-        except Gone as exc:
-            say(label, f"guest agent socket has no QEMU behind it ({exc}); nothing to thaw",
-                syslog.LOG_INFO)
-            return True
-        except OSError as exc:
-            last = str(exc)
-            time.sleep(RETRY_PAUSE_S)
-            continue
-        try:
-            # 0xFF resets the agent's parser; replies before the sync's own are stale
-            sync_id = secrets.randbelow(2**31 - 1) + 1
-            conn.send(SENTINEL + json.dumps({"execute": "guest-sync-delimited",
-                                             "arguments": {"id": sync_id}}).encode() + b"\n")
-            conn.skip_past_sentinel()
-            while conn.reply().get("return") != sync_id:
-                pass
-            conn.until = deadline
-            if agent_call(conn, "guest-fsfreeze-status") != "frozen":
-                return True
-            thawed = agent_call(conn, "guest-fsfreeze-thaw")
-            if agent_call(conn, "guest-fsfreeze-status") == "thawed":
-                say(label, f"the qmpbackup run died during the freeze; thawed {thawed} guest filesystems")
-                return True
-            last = "still frozen after guest-fsfreeze-thaw"
-        except (OSError, ValueError) as exc:  # TimeoutError is an OSError
-            last = str(exc) or type(exc).__name__
-        finally:
-            conn.close()
-        time.sleep(RETRY_PAUSE_S)
-    say(label, f"the qmpbackup run died during the freeze and the guest agent at {path} could not "
-        f"thaw the guest within {act_for:g} s ({last}): run guest-fsfreeze-thaw by hand "
-        "or 'qmpbackup cleanup'", syslog.LOG_ERR)
-    return False
+
+    def step(conn: Line, deadline: float) -> str | None:
+        # 0xFF resets the agent's parser; replies before the sync's own are stale
+        sync_id = secrets.randbelow(2**31 - 1) + 1
+        conn.send(SENTINEL + json.dumps({"execute": "guest-sync-delimited",
+                                         "arguments": {"id": sync_id}}).encode() + b"\n")
+        conn.skip_past_sentinel()
+        while conn.reply().get("return") != sync_id:
+            pass
+        conn.until = deadline
+        if agent_call(conn, "guest-fsfreeze-status") != "frozen":
+            return None
+        thawed = agent_call(conn, "guest-fsfreeze-thaw")
+        if agent_call(conn, "guest-fsfreeze-status") != "thawed":
+            return "still frozen after guest-fsfreeze-thaw"
+        say(label, f"the qmpbackup run died during the freeze; thawed {thawed} guest filesystems")
+        return None
+
+    try:
+        last = with_retries(path, act_for, ATTEMPT_S, step)
+    except Gone as exc:
+        say(label, f"guest agent socket has no QEMU behind it ({exc}); nothing to thaw", syslog.LOG_INFO)
+        return True
+    if last is not None:
+        say(label, f"the qmpbackup run died during the freeze and the guest agent at {path} could not "
+            f"thaw the guest within {act_for:g} s ({last}): run guest-fsfreeze-thaw by hand "
+            "or 'qmpbackup cleanup'", syslog.LOG_ERR)
+    return last is None
 
 
 def qmp_call(conn: Line, command: str, number: int) -> Any:
@@ -180,36 +201,27 @@ def qmp_call(conn: Line, command: str, number: int) -> Any:
 
 def resume(path: str, label: str, act_for: float) -> bool:
     """``cont`` if QEMU says paused; True when the VM runs (or QEMU is gone)."""
-    deadline = time.monotonic() + act_for
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        try:
-            conn = Line(path, deadline)  # QMP greets once QEMU accepts us: nothing to resend
-        except Gone as exc:
-            say(label, f"QMP socket has no QEMU behind it ({exc}); nothing to resume", syslog.LOG_INFO)
-            return True
-        except OSError as exc:
-            last = str(exc)
-            time.sleep(RETRY_PAUSE_S)
-            continue
-        try:
-            if "QMP" not in conn.reply():
-                raise ValueError("no QMP greeting")
-            qmp_call(conn, "qmp_capabilities", 1)
-            if qmp_call(conn, "query-status", 2).get("status") != "paused":
-                return True
-            qmp_call(conn, "cont", 3)
-            say(label, "the qmpbackup run died while the VM was paused for the backup; resumed it")
-            return True
-        except (OSError, ValueError) as exc:
-            last = str(exc) or type(exc).__name__
-        finally:
-            conn.close()
-        time.sleep(RETRY_PAUSE_S)
-    say(label, f"the qmpbackup run died while the VM was paused and QMP at {path} could not resume "
-        f"it within {act_for:g} s ({last}): send 'cont' by hand or run 'qmpbackup cleanup'",
-        syslog.LOG_ERR)
-    return False
+
+    def step(conn: Line, deadline: float) -> str | None:
+        if "QMP" not in conn.reply():
+            return "no QMP greeting"
+        qmp_call(conn, "qmp_capabilities", 1)
+        if qmp_call(conn, "query-status", 2).get("status") != "paused":
+            return None
+        qmp_call(conn, "cont", 3)
+        say(label, "the qmpbackup run died while the VM was paused for the backup; resumed it")
+        return None
+
+    try:  # QMP greets once QEMU accepts us: one attempt may wait for the whole time
+        last = with_retries(path, act_for, act_for, step)
+    except Gone as exc:
+        say(label, f"QMP socket has no QEMU behind it ({exc}); nothing to resume", syslog.LOG_INFO)
+        return True
+    if last is not None:
+        say(label, f"the qmpbackup run died while the VM was paused and QMP at {path} could not "
+            f"resume it within {act_for:g} s ({last}): send 'cont' by hand or run 'qmpbackup cleanup'",
+            syslog.LOG_ERR)
+    return last is None
 
 
 def wait_for_done(armed_for: float) -> bool:

@@ -10,9 +10,8 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,55 +26,40 @@ from tests.support.qemu import QemuBinaries, RunningQemu, qemu, qemu_vm  # noqa:
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="grd-", dir="/tmp") as path:
-        yield Path(path)
-
-
-@pytest.fixture
-async def agent(short_dir: Path) -> AsyncIterator[FakeAgent]:
-    fake = await FakeAgent(str(short_dir / "qga.sock")).start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
 async def _exit_of(guard: Guard, timeout: float = 10.0) -> int:
     return await asyncio.to_thread(guard.proc.wait, timeout)
 
 
-async def test_done_leaves_everything_alone(agent: FakeAgent) -> None:
-    agent.frozen = True
-    guard = await Guard.start("VM 1", qga=agent.path)
+async def test_done_leaves_everything_alone(fake_agent: FakeAgent) -> None:
+    fake_agent.frozen = True
+    guard = await Guard.start("VM 1", qga=fake_agent.path)
     assert os.getsid(guard.proc.pid) == guard.proc.pid, "the guard runs in its own session"
     await guard.release(done=True)
     assert guard.proc.returncode == 0
-    assert agent.connections == 0 and agent.frozen
+    assert fake_agent.connections == 0 and fake_agent.frozen
 
 
-async def test_end_of_file_thaws(agent: FakeAgent) -> None:
-    agent.frozen = True
-    agent.queue_stale(b'{"return": "frozen"}\n')  # a reply the dead run never read
-    guard = await Guard.start("VM 2", qga=agent.path)
+async def test_end_of_file_thaws(fake_agent: FakeAgent) -> None:
+    fake_agent.frozen = True
+    fake_agent.queue_stale(b'{"return": "frozen"}\n')  # a reply the dead run never read
+    guard = await Guard.start("VM 2", qga=fake_agent.path)
     await guard.release(done=False)
     assert await _exit_of(guard) == 0
-    assert not agent.frozen
-    assert agent.received[-3:] == ["guest-fsfreeze-status", "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
+    assert not fake_agent.frozen
+    assert fake_agent.received[-3:] == ["guest-fsfreeze-status", "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
 
 
-async def test_end_of_file_with_a_thawed_guest_does_nothing(agent: FakeAgent) -> None:
-    guard = await Guard.start("VM 3", qga=agent.path)
+async def test_end_of_file_with_a_thawed_guest_does_nothing(fake_agent: FakeAgent) -> None:
+    guard = await Guard.start("VM 3", qga=fake_agent.path)
     await guard.release(done=False)
     assert await _exit_of(guard) == 0
-    assert "guest-fsfreeze-thaw" not in agent.received
+    assert "guest-fsfreeze-thaw" not in fake_agent.received
 
 
-async def test_gives_up_within_its_bound_and_says_so(agent: FakeAgent) -> None:
-    agent.silent = True
+async def test_gives_up_within_its_bound_and_says_so(fake_agent: FakeAgent) -> None:
+    fake_agent.silent = True
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", str(GUARD_PROGRAM), "--label", "VM 4", "--qga", agent.path,
+        sys.executable, "-I", "-S", str(GUARD_PROGRAM), "--label", "VM 4", "--qga", fake_agent.path,
         "--act-for", "1.5", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     started = time.monotonic()
     _, err = await asyncio.wait_for(proc.communicate(), 10)
@@ -90,16 +74,16 @@ def test_socket_of_a_gone_qemu_ends_the_guard_at_once(short_dir: Path) -> None:
     assert run.returncode == 0 and b"nothing to thaw" in run.stderr
 
 
-async def test_survives_a_kill_of_the_starting_process_group(agent: FakeAgent, short_dir: Path) -> None:
+async def test_survives_a_kill_of_the_starting_process_group(fake_agent: FakeAgent, short_dir: Path) -> None:
     """The run and its process group die by SIGKILL; the guard (own session) thaws, then exits."""
     script = short_dir / "run.py"
     script.write_text(
         "import asyncio, time\n"
         "from qmpbackup.backup.guard import Guard\n"
-        f"guard = asyncio.run(Guard.start('VM 6', qga={agent.path!r}))\n"
+        f"guard = asyncio.run(Guard.start('VM 6', qga={fake_agent.path!r}))\n"
         "print(guard.proc.pid, flush=True)\n"
         "time.sleep(60)\n")
-    agent.frozen = True
+    fake_agent.frozen = True
     proc = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=subprocess.PIPE,
                                                 start_new_session=True)
     assert proc.stdout is not None
@@ -107,7 +91,7 @@ async def test_survives_a_kill_of_the_starting_process_group(agent: FakeAgent, s
     os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
     killed = time.monotonic()
-    while agent.frozen:
+    while fake_agent.frozen:
         assert time.monotonic() - killed < 5, "the guard did not thaw"
         await asyncio.sleep(0.01)
     while _alive(guard_pid):
@@ -123,19 +107,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def test_guarded_resolves_and_releases_on_success(agent: FakeAgent, short_dir: Path) -> None:
+async def test_guarded_resolves_and_releases_on_success(fake_agent: FakeAgent, short_dir: Path) -> None:
     journal = Journal.open(short_dir / "j.jsonl")
     undo = undo_steps()[KIND_FREEZE]
-    async with guarded(journal, KIND_FREEZE, {"qga": agent.path, "vm": "VM 7"}, undo, label="VM 7",
-                       warn=pytest.fail, qga=agent.path) as entry:
+    async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path, "vm": "VM 7"}, undo, label="VM 7",
+                       warn=pytest.fail, qga=fake_agent.path) as entry:
         assert [e.kind for e in journal.pending()] == [KIND_FREEZE]
-        assert entry.data["qga"] == agent.path
+        assert entry.data["qga"] == fake_agent.path
     assert journal.pending() == []
     journal.close()
-    assert agent.connections == 0
+    assert fake_agent.connections == 0
 
 
-async def test_guarded_undoes_on_error_before_releasing(agent: FakeAgent, short_dir: Path) -> None:
+async def test_guarded_undoes_on_error_before_releasing(fake_agent: FakeAgent, short_dir: Path) -> None:
     journal = Journal.open(short_dir / "j.jsonl")
     calls: list[Entry] = []
 
@@ -143,28 +127,28 @@ async def test_guarded_undoes_on_error_before_releasing(agent: FakeAgent, short_
         calls.append(entry)
 
     with pytest.raises(RuntimeError):
-        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 8",
-                           warn=pytest.fail, qga=agent.path):
+        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 8",
+                           warn=pytest.fail, qga=fake_agent.path):
             raise RuntimeError("job start failed")
     assert len(calls) == 1 and journal.pending() == []
     journal.close()
 
 
-async def test_guarded_keeps_the_record_when_the_undo_fails(agent: FakeAgent, short_dir: Path) -> None:
+async def test_guarded_keeps_the_record_when_the_undo_fails(fake_agent: FakeAgent, short_dir: Path) -> None:
     journal = Journal.open(short_dir / "j.jsonl")
-    agent.frozen = True
+    fake_agent.frozen = True
 
     async def undo(entry: Entry) -> None:
         raise OSError("agent gone")
 
     with pytest.raises(asyncio.CancelledError):
-        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 9",
-                           warn=pytest.fail, qga=agent.path):
+        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 9",
+                           warn=pytest.fail, qga=fake_agent.path):
             raise asyncio.CancelledError()
     assert [e.kind for e in journal.pending()] == [KIND_FREEZE]
     journal.close()
     deadline = time.monotonic() + 10
-    while agent.frozen:  # the guard was let loose: it thaws
+    while fake_agent.frozen:  # the guard was let loose: it thaws
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
 
@@ -182,7 +166,7 @@ async def test_guard_resumes_a_vm_we_paused(qemu_vm: Callable[..., RunningQemu])
         assert (await session.execute("query-status"))["status"] == "running"
 
 
-async def test_a_signal_during_the_undo_lets_it_finish_then_ends_the_run(agent: FakeAgent,
+async def test_a_signal_during_the_undo_lets_it_finish_then_ends_the_run(fake_agent: FakeAgent,
                                                                          short_dir: Path) -> None:
     journal = Journal.open(short_dir / "j.jsonl")
     undoing, undone = asyncio.Event(), asyncio.Event()
@@ -193,8 +177,8 @@ async def test_a_signal_during_the_undo_lets_it_finish_then_ends_the_run(agent: 
         undone.set()
 
     async def window() -> None:
-        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 11",
-                           warn=pytest.fail, qga=agent.path):
+        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 11",
+                           warn=pytest.fail, qga=fake_agent.path):
             raise RuntimeError("job start failed")
 
     task = asyncio.create_task(window())
@@ -208,7 +192,7 @@ async def test_a_signal_during_the_undo_lets_it_finish_then_ends_the_run(agent: 
     journal.close()
 
 
-async def test_a_signal_while_the_guard_starts_leaves_no_guard(agent: FakeAgent, short_dir: Path) -> None:
+async def test_a_signal_while_the_guard_starts_leaves_no_guard(fake_agent: FakeAgent, short_dir: Path) -> None:
     journal = Journal.open(short_dir / "j.jsonl")
     undone: list[Entry] = []
 
@@ -216,8 +200,8 @@ async def test_a_signal_while_the_guard_starts_leaves_no_guard(agent: FakeAgent,
         undone.append(entry)
 
     async def window() -> None:
-        async with guarded(journal, KIND_FREEZE, {"qga": agent.path}, undo, label="VM 12",
-                           warn=pytest.fail, qga=agent.path):
+        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 12",
+                           warn=pytest.fail, qga=fake_agent.path):
             pytest.fail("the block must not run")
 
     task = asyncio.create_task(window())
@@ -228,4 +212,4 @@ async def test_a_signal_while_the_guard_starts_leaves_no_guard(agent: FakeAgent,
     assert len(undone) == 1 and journal.pending() == []
     journal.close()
     await asyncio.sleep(0.2)
-    assert agent.connections == 0, "the guard was told done, not let loose"
+    assert fake_agent.connections == 0, "the guard was told done, not let loose"

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-
 import pytest
 
-from tests.guest_agent.fake_agent import FakeAgent
+from tests.guest_agent.fake_agent import fake_agent, short_dir  # noqa: F401  (fixtures)
 from tests.support.guest import (  # noqa: F401  (fixtures re-exported for this directory)
     ExtraDisk,
     GuestFactory,
@@ -18,22 +14,6 @@ from tests.support.guest import (  # noqa: F401  (fixtures re-exported for this 
     guest_image,
     module_guest_factory,
 )
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short folder for unix sockets (107-byte path limit; tmp_path can be long)."""
-    with tempfile.TemporaryDirectory(prefix="qga-", dir="/tmp") as path:
-        yield Path(path)
-
-
-@pytest.fixture
-async def fake_agent(short_dir: Path) -> AsyncIterator[FakeAgent]:
-    agent = await FakeAgent(str(short_dir / "qga.sock")).start()
-    try:
-        yield agent
-    finally:
-        await agent.stop()
 
 
 def _qemu_versions() -> list[str]:

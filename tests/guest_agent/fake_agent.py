@@ -6,13 +6,21 @@ commands run one at a time; a reply produced after its client left is
 delivered to the next client; freeze state outlives connections; a second
 freeze while frozen is refused. Knobs let tests delay, fail, hang or cut the
 connection. The real guest tests check the same rules against real qemu-ga.
+
+The fixtures ``short_dir`` and ``fake_agent`` (a started agent in a short folder) are
+imported by every conftest or test module that needs them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 PARSE_ERROR = {"error": {"class": "GenericError", "desc": "JSON parse error, stray '\ufffd'"}}
 
@@ -164,3 +172,19 @@ class FakeAgent:
                                       "disk": []}]})
         return reply({"error": {"class": "CommandNotFound",
                                 "desc": f"The command {command} has not been found"}})
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short folder for unix sockets (107-byte path limit; tmp_path can be long)."""
+    with tempfile.TemporaryDirectory(prefix="qga-", dir="/tmp") as path:
+        yield Path(path)
+
+
+@pytest.fixture
+async def fake_agent(short_dir: Path) -> AsyncIterator[FakeAgent]:
+    agent = await FakeAgent(str(short_dir / "qga.sock")).start()
+    try:
+        yield agent
+    finally:
+        await agent.stop()

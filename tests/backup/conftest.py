@@ -1,0 +1,3 @@
+"""Fixtures for the backup engine's tests: the fake guest agent, real QEMU (each version)."""
+
+from tests.guest_agent.fake_agent import fake_agent, short_dir  # noqa: F401
