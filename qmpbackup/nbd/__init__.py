@@ -1,4 +1,5 @@
-"""The NBD endpoint QEMU's ``blockdev-backup`` writes into (issue 4).
+"""The NBD endpoint QEMU's ``blockdev-backup`` writes into (issue 4), and read-only exports
+of an archive's devices (``qmpbackup export``, issue 12; see :mod:`qmpbackup.nbd.read_path`).
 
 QEMU connects as an NBD client (``blockdev-add driver=nbd server={type:unix,path:...}
 export=NAME``); :class:`NbdServer` hands every write of an export to that export's
@@ -18,7 +19,7 @@ Protocol choices, all negotiated so that QEMU 7.2 and 10.0 work unchanged:
 
 from qmpbackup.nbd.connection import MAX_REQUEST, PREFERRED_BLOCK, TRANSMISSION_FLAGS
 from qmpbackup.nbd.errors import NbdConsumerError, NbdError, NbdProtocolError
-from qmpbackup.nbd.export import Export, ExportConsumer
+from qmpbackup.nbd.export import Export, ExportConsumer, ExportSource
 from qmpbackup.nbd.server import NbdServer, ServerState
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "TRANSMISSION_FLAGS",
     "Export",
     "ExportConsumer",
+    "ExportSource",
     "NbdConsumerError",
     "NbdError",
     "NbdProtocolError",

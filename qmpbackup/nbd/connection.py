@@ -2,12 +2,15 @@
 
 Decisions (see the module docs of :mod:`qmpbackup.nbd`):
 
-* Simple replies only. ``NBD_OPT_STRUCTURED_REPLY`` and ``NBD_OPT_EXTENDED_HEADERS`` are
-  answered ``NBD_REP_ERR_UNSUP``; QEMU 7.2 and 10.0 then use simple replies, which is all a
-  write-only target needs (structured replies only matter for READ and BLOCK_STATUS).
-* The export is write-only: READ, CACHE, BLOCK_STATUS and RESIZE get EINVAL. QEMU's backup job
-  and ``qemu-img convert -n`` never read the target; answering with data we no longer hold
-  (clusters already went to the archive) would be wrong.
+* A server with only writable exports (a backup's) uses simple replies only:
+  ``NBD_OPT_STRUCTURED_REPLY`` and the meta context options are answered
+  ``NBD_REP_ERR_UNSUP``; QEMU 7.2 and 10.0 then use simple replies, which is all a write-only
+  target needs. A server with a read-only export accepts structured replies and offers the
+  ``base:allocation`` context on its read-only exports (see :mod:`qmpbackup.nbd.read_path`,
+  which serves their transmission phase). ``NBD_OPT_EXTENDED_HEADERS`` is never supported.
+* A writable export is write-only: READ, CACHE, BLOCK_STATUS and RESIZE get EINVAL. QEMU's
+  backup job and ``qemu-img convert -n`` never read the target; answering with data we no
+  longer hold (clusters already went to the archive) would be wrong.
 * WRITE_ZEROES with FAST_ZERO gets ENOTSUP (SEND_FAST_ZERO is not advertised, so QEMU's
   pre-zeroing falls back to plain writes). NO_HOLE changes nothing: zeroes are zeroes to us.
 * Replies to pipelined requests are sent in batches (up to ``MAX_HELD_REPLIES``) once no
@@ -23,20 +26,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
-from qmpbackup.nbd import proto
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.nbd import proto
 from qmpbackup.nbd.errors import NbdConsumerError, NbdError, NbdProtocolError
 from qmpbackup.nbd.export import Export
-from qmpbackup.nbd.proto import CmdFlag, Cmd, Errno, Info, Opt, Rep, TFlag
+from qmpbackup.nbd.proto import Cmd, CmdFlag, Errno, Info, Opt, Rep, TFlag
+from qmpbackup.nbd.read_path import ReadTransmission
 
 log = logging.getLogger(__name__)
 
 TRANSMISSION_FLAGS: Final = (
     TFlag.HAS_FLAGS | TFlag.SEND_FLUSH | TFlag.SEND_FUA | TFlag.SEND_TRIM | TFlag.SEND_WRITE_ZEROES
 )
+READ_ONLY_FLAGS: Final = (
+    TFlag.HAS_FLAGS | TFlag.READ_ONLY | TFlag.SEND_FLUSH | TFlag.SEND_CACHE | TFlag.CAN_MULTI_CONN
+)
+"""Read-only exports (``SEND_DF`` is added when structured replies were negotiated)."""
+ALLOCATION_CONTEXT_ID: Final = 1
 MIN_BLOCK: Final = 1
 PREFERRED_BLOCK: Final = 64 * 1024
 MAX_REQUEST: Final = 32 * 1024 * 1024
@@ -83,6 +93,8 @@ class Connection:
         self._buffer = bytearray()
         self._header = bytearray(proto.REQUEST.size)
         self._no_zeroes = False
+        self._structured = False
+        self._meta_export: str | None = None  # the export base:allocation was selected for
         self.export: Export | None = None
         self.requests = 0
 
@@ -104,7 +116,10 @@ class Connection:
             self.export = export
             log.debug("%s: transmission on export %r (%d bytes)", self._label, export.name,
                       export.size)
-            await self._transmission(export)
+            if export.writable:
+                await self._transmission(export)
+            else:
+                await self._read_transmission(export)
         except _ClientGone as gone:
             name = self.export.name if self.export is not None else None
             if gone.clean:
@@ -175,7 +190,11 @@ class Connection:
                 return None
             elif option == Opt.LIST:
                 await self._opt_list(data)
-            else:  # STRUCTURED_REPLY, EXTENDED_HEADERS, STARTTLS, META_CONTEXT, unknown
+            elif option == Opt.STRUCTURED_REPLY and self._serves_reads():
+                await self._opt_structured_reply(data)
+            elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT) and self._serves_reads():
+                await self._opt_meta_context(option, data)
+            else:  # EXTENDED_HEADERS, STARTTLS, unknown; STRUCTURED_REPLY/META_CONTEXT for writes
                 await self._opt_reply(option, Rep.ERR_UNSUP, b"option not supported")
 
     async def _opt_reply(self, option: int, reply: Rep, payload: bytes = b"") -> None:
@@ -191,6 +210,64 @@ class Connection:
             await self._opt_reply(Opt.LIST, Rep.SERVER, proto.U32.pack(len(raw)) + raw)
         await self._opt_reply(Opt.LIST, Rep.ACK)
 
+    def _serves_reads(self) -> bool:
+        return any(not e.writable for e in self._exports.values())
+
+    def _flags(self, export: Export) -> int:
+        if export.writable:
+            return TRANSMISSION_FLAGS
+        return READ_ONLY_FLAGS | (TFlag.SEND_DF if self._structured else 0)
+
+    async def _opt_structured_reply(self, data: bytes) -> None:
+        if data:
+            await self._opt_reply(Opt.STRUCTURED_REPLY, Rep.ERR_INVALID, b"option takes no data")
+            return
+        self._structured = True
+        await self._opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK)
+
+    async def _opt_meta_context(self, option: int, data: bytes) -> None:
+        """LIST or SET: ``base:allocation`` is the one context, on read-only exports."""
+        if option == Opt.SET_META_CONTEXT:
+            self._meta_export = None  # a SET replaces the selection, even when it fails
+        if not self._structured:
+            await self._opt_reply(option, Rep.ERR_INVALID, b"negotiate structured replies first")
+            return
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            await self._opt_reply(option, Rep.ERR_INVALID, b"malformed meta context request")
+            return
+        name, queries = parsed
+        export = self._exports.get(name)
+        if export is None:
+            await self._opt_reply(option, Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
+            return
+        if option == Opt.LIST_META_CONTEXT:
+            matches = not queries or any(
+                q in (proto.META_BASE_NAMESPACE, proto.META_BASE_ALLOCATION) for q in queries)
+        else:
+            matches = proto.META_BASE_ALLOCATION in queries
+        if matches and not export.writable:
+            context_id = 0 if option == Opt.LIST_META_CONTEXT else ALLOCATION_CONTEXT_ID
+            await self._opt_reply(option, Rep.META_CONTEXT,
+                                  proto.U32.pack(context_id) + proto.META_BASE_ALLOCATION.encode())
+            if option == Opt.SET_META_CONTEXT:
+                self._meta_export = name
+        await self._opt_reply(option, Rep.ACK)
+
+    async def _read_transmission(self, export: Export) -> None:
+        meta_id = ALLOCATION_CONTEXT_ID if self._meta_export == export.name else None
+
+        async def recv_into(view: memoryview, boundary: bool) -> None:
+            await self._recv_into(view, boundary=boundary)
+
+        reads = ReadTransmission(self._sock, export, recv_into, label=self._label,
+                                 structured=self._structured, meta_id=meta_id,
+                                 max_request=self._max_request)
+        try:
+            await reads.run()
+        finally:
+            self.requests = reads.requests
+
     async def _opt_info(self, option: int, data: bytes) -> Export | None:
         parsed = _parse_info_request(data)
         if parsed is None:
@@ -202,7 +279,7 @@ class Connection:
             await self._opt_reply(option, Rep.ERR_UNKNOWN, f"no export {name!r}".encode())
             return None
         await self._opt_reply(option, Rep.INFO, proto.INFO_EXPORT.pack(
-            Info.EXPORT, export.size, TRANSMISSION_FLAGS))
+            Info.EXPORT, export.size, self._flags(export)))
         await self._opt_reply(option, Rep.INFO, proto.INFO_BLOCK_SIZE.pack(
             Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, self._max_request))
         await self._opt_reply(option, Rep.ACK)
@@ -216,13 +293,14 @@ class Connection:
             log.warning("%s: NBD_OPT_EXPORT_NAME for unknown export %r, closing", self._label, name)
             return None
         padding = b"" if self._no_zeroes else bytes(proto.EXPORT_NAME_PADDING)
-        await self._send(proto.EXPORT_NAME_REPLY.pack(export.size, TRANSMISSION_FLAGS) + padding)
+        await self._send(proto.EXPORT_NAME_REPLY.pack(export.size, self._flags(export)) + padding)
         return export
 
     # -- transmission ----------------------------------------------------------------------
 
     async def _transmission(self, export: Export) -> None:
         consumer = export.consumer
+        assert consumer is not None
         header = self._header
         hview = memoryview(header)
         unpack = proto.REQUEST.unpack
@@ -350,3 +428,28 @@ def _parse_info_request(data: bytes) -> tuple[str, list[int]] | None:
     if len(rest) != 2 * count:
         return None
     return name, [proto.U16.unpack_from(rest, 2 * i)[0] for i in range(count)]
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """Split NBD_OPT_LIST/SET_META_CONTEXT data into the export name and the queries."""
+    try:
+        pos = 0
+        (name_len,) = proto.U32.unpack_from(data, pos)
+        pos += 4
+        if name_len > proto.MAX_EXPORT_NAME or pos + name_len > len(data):
+            return None
+        name = data[pos:pos + name_len].decode()
+        pos += name_len
+        (count,) = proto.U32.unpack_from(data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (qlen,) = proto.U32.unpack_from(data, pos)
+            pos += 4
+            if qlen > proto.MAX_EXPORT_NAME or pos + qlen > len(data):
+                return None
+            queries.append(data[pos:pos + qlen].decode())
+            pos += qlen
+    except (UnicodeDecodeError, struct.error):
+        return None
+    return (name, queries) if pos == len(data) else None

@@ -124,6 +124,28 @@ class Cmd(enum.IntEnum):
     RESIZE = 8
 
 
+REPLY_FLAG_DONE: Final = 1 << 0
+
+
+class ReplyType(enum.IntEnum):
+    """Structured reply chunk types (u16); those with bit 15 set are error chunks."""
+
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) + 1
+    ERROR_OFFSET = (1 << 15) + 2
+
+
+# The ``base:allocation`` metadata context: its namespace, its name, its status bits.
+META_BASE_NAMESPACE: Final = "base:"
+META_BASE_ALLOCATION: Final = "base:allocation"
+STATE_HOLE: Final = 1 << 0
+STATE_ZERO: Final = 1 << 1
+MAX_EXTENTS: Final = 1 << 20  # descriptors per BLOCK_STATUS chunk the spec asks us not to exceed
+
+
 class Errno(enum.IntEnum):
     """Error values of a reply (the spec's fixed numbers, not the host's errno)."""
 
@@ -148,5 +170,10 @@ INFO_EXPORT = struct.Struct(">HQH")  # Info.EXPORT, size, transmission flags
 INFO_BLOCK_SIZE = struct.Struct(">HIII")  # Info.BLOCK_SIZE, minimum, preferred, maximum
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
+OFFSET_HOLE = struct.Struct(">QI")  # offset, hole size
+ERROR_CHUNK = struct.Struct(">IH")  # error, message length
+EXTENT = struct.Struct(">II")  # length, status flags
+U64 = struct.Struct(">Q")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")

@@ -11,6 +11,9 @@ A protocol violation or a consumer error is recorded once (first one wins) as
 :attr:`NbdServer.failure`; :meth:`NbdServer.wait_failure` lets the job race it against its
 block job. After a failure, new connections are closed at once: QEMU reconnects a dropped NBD
 connection once by itself, so refusing is what makes its job fail instead of resending.
+
+A server of read-only exports (``qmpbackup export``) is made with ``keep_serving=True``: a
+misbehaving client is logged and loses its connection, and the server goes on serving others.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class ServerState(enum.Enum):
 
 
 class NbdServer:
-    """Serves writable exports on a unix socket (mode 0600) inside a private (0700) directory."""
+    """Serves exports on a unix socket (mode 0600) inside a private (0700) directory."""
 
     def __init__(
         self,
@@ -55,8 +58,10 @@ class NbdServer:
         name: str = "nbd",
         max_request: int = MAX_REQUEST,
         handshake_timeout: float = 30.0,
+        keep_serving: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._keep_serving = keep_serving
         self.name = name
         self._max_request = max_request
         self._handshake_timeout = handshake_timeout
@@ -112,6 +117,8 @@ class NbdServer:
         return self._failure
 
     def _record_failure(self, err: QmpBackupError) -> None:
+        if self._keep_serving:
+            return  # the connection logged it; other clients are not concerned
         if self._failure is None:
             self._failure = err
             self._failed.set()

@@ -110,6 +110,17 @@ class Client:
     async def write(self, offset: int, data: bytes, flags: int = 0) -> int:
         return await self.request(Cmd.WRITE, offset, len(data), flags=flags, payload=data)
 
+    async def read_structured_reply(self) -> list[tuple[int, int, int, bytes]]:
+        """Reads chunks up to the one flagged DONE; returns (cookie, flags, type, payload) each."""
+        chunks = []
+        while True:
+            magic, flags, rtype, cookie, length = proto.STRUCTURED_REPLY.unpack(
+                await self.reader.readexactly(proto.STRUCTURED_REPLY.size))
+            assert magic == proto.STRUCTURED_REPLY_MAGIC
+            chunks.append((cookie, flags, rtype, await self.reader.readexactly(length)))
+            if flags & proto.REPLY_FLAG_DONE:
+                return chunks
+
     async def disconnect(self) -> None:
         self.send_request(Cmd.DISC)
         await self.writer.drain()

@@ -12,6 +12,7 @@ import pytest
 
 from qmpbackup.backup.assembler import CLUSTER_SIZE, ClusterAssembler
 from qmpbackup.nbd import Export, NbdServer
+from tests.nbd.file_source import FileSource
 from tests.support.qemu import qemu  # noqa: F401  (the QEMU version fixture)
 
 
@@ -97,3 +98,29 @@ def serve(sockdir: Path) -> ServeFactory:
             yield Served(server, sink, assemblers)
 
     return factory
+
+
+ReadServeFactory = Callable[[dict[str, Path]], contextlib.AbstractAsyncContextManager[NbdServer]]
+
+
+@pytest.fixture
+def serve_files(sockdir: Path) -> ReadServeFactory:
+    """Factory: ``async with serve_files({"name": raw_path, ...}) as server:``, read-only exports."""
+
+    @contextlib.asynccontextmanager
+    async def factory(files: dict[str, Path]) -> AsyncIterator[NbdServer]:
+        sources = {name: FileSource(path) for name, path in files.items()}
+        try:
+            exports = [Export.read_only(name, src) for name, src in sources.items()]
+            async with NbdServer(sockdir / "nbd.sock", exports, name="test-export",
+                                 keep_serving=True) as server:
+                yield server
+        finally:
+            for src in sources.values():
+                src.close()
+
+    return factory
+
+
+def url(server: NbdServer, name: str) -> str:
+    return f"nbd+unix:///{name}?socket={server.path}"
