@@ -49,6 +49,22 @@ async def test_end_of_file_thaws(fake_agent: FakeAgent) -> None:
     assert fake_agent.received[-3:] == ["guest-fsfreeze-status", "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
 
 
+async def test_a_run_killed_while_its_freeze_command_runs_is_thawed(fake_agent: FakeAgent) -> None:
+    """The agent finishes the freeze after the run is gone: the guard's sync waits for it, then thaws."""
+    fake_agent.delays["guest-fsfreeze-freeze"] = 0.5
+    guard = await Guard.start("VM 2b", qga=fake_agent.path)
+    reader, writer = await asyncio.open_unix_connection(fake_agent.path)
+    writer.write(b'{"execute":"guest-fsfreeze-freeze"}\n')
+    await writer.drain()
+    while "guest-fsfreeze-freeze" not in fake_agent.received:
+        await asyncio.sleep(0.01)
+    writer.close()  # the run dies with the freeze in flight
+    await guard.release(done=False)
+    assert await _exit_of(guard) == 0
+    assert not fake_agent.frozen
+    assert fake_agent.received[-2:] == ["guest-fsfreeze-thaw", "guest-fsfreeze-status"]
+
+
 async def test_end_of_file_with_a_thawed_guest_does_nothing(fake_agent: FakeAgent) -> None:
     guard = await Guard.start("VM 3", qga=fake_agent.path)
     await guard.release(done=False)
