@@ -233,6 +233,24 @@ def test_kill_inside_the_freeze_window_thaws_within_limit(booted: Booted, tmp_pa
     assert "still frozen" not in r.stderr and "INFO: issuing guest-agent 'fs-freeze' command" in r.stderr
 
 
+def test_sigterm_inside_the_window_thaws_in_process_and_dismisses_the_guard(booted: Booted,
+                                                                           tmp_path: Path) -> None:
+    guest = booted.guest
+    run = BackupRun(tmp_path)
+    held = HeldRun(run, "frozen=60", *_backup_args(booted, False))
+    held.wait_point("frozen")
+    seq = _assert_stalled(guest)
+    os.kill(held.proc.pid, signal.SIGTERM)
+    _, rest = held.proc.communicate(timeout=60)
+    err = (held.err + rest).decode(errors="replace")
+    assert held.proc.returncode == 143, err
+    assert "issuing guest-agent 'fs-thaw' command" in err
+    assert "qmpbackup guard" not in err, "the run thawed by itself; the guard had nothing to do"
+    assert not _guard_pids(guest.qga_path)
+    assert not (run.tmp / "state" / "journal" / "100.jsonl").exists()
+    guest.wait_writer(above=seq, timeout=10)
+
+
 def test_without_the_guard_cleanup_or_the_next_run_thaws(booted: Booted, tmp_path: Path) -> None:
     """The guard killed too: the journal's freeze entry is the way back (cleanup, then the next run)."""
     guest = booted.guest
