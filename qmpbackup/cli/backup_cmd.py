@@ -16,54 +16,67 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fleecing.storage import fleecing_storage
 from qmpbackup.backup.guest_backup import GuestRequest, GuestResult, backup_guest
 from qmpbackup.cli.common import (
     Context,
     add_output_format,
     add_target_arguments,
     print_json_line,
+    quiet_stderr,
     target_options,
     vmid_arg,
 )
 from qmpbackup.errors import EXIT_FAILED, EXIT_OK, QmpBackupError, UsageError
 from qmpbackup.guest_config import GuestDefinition, guest_path, load_guest
-from fleecing.storage import fleecing_storage
+from qmpbackup.jobs.command_line import vzdump_command_line
 from qmpbackup.jobs.hooks import HookRunner
 from qmpbackup.jobs.jobs_cfg import find_job, load_jobs_cfg
+from qmpbackup.jobs.lock import DEFAULT_RUN_DIR, HostLock, stop_running_job
 from qmpbackup.jobs.notify import GuestResult as MailGuest
 from qmpbackup.jobs.notify import JobReport, notify
-from qmpbackup.jobs.lock import DEFAULT_RUN_DIR, HostLock, stop_running_job
 from qmpbackup.jobs.storage_cfg import load_storage_cfg
-from qmpbackup.jobs.target import resolve_target
+from qmpbackup.jobs.target import Target, resolve_target
 from qmpbackup.jobs.vzdump_conf import VzdumpOptions
+from qmpbackup.store.protection import count_protected
 
 log = logging.getLogger(__name__)
 task = logging.getLogger("qmpbackup.task")
 
 DEFAULT_STATE_DIR = Path("/var/lib/qmpbackup")
 
-# Command-line options that are vzdump options, passed on as text: (flag, vzdump key).
-VZDUMP_FLAGS: tuple[tuple[str, str], ...] = (
-    ("--mode", "mode"),
-    ("--compress", "compress"),
-    ("--zstd", "zstd"),
-    ("--pigz", "pigz"),
-    ("--bwlimit", "bwlimit"),
-    ("--ionice", "ionice"),
-    ("--performance", "performance"),
-    ("--fleecing", "fleecing"),
-    ("--dirty-bitmap", "dirty-bitmap"),
-    ("--notes-template", "notes-template"),
-    ("--protected", "protected"),
-    ("--script", "script"),
-    ("--lockwait", "lockwait"),
-    ("--stopwait", "stopwait"),
-    ("--remove", "remove"),
-    ("--prune-backups", "prune-backups"),
-    ("--exclude", "exclude"),
-    ("--mailto", "mailto"),
-    ("--mailnotification", "mailnotification"),
-    ("--tmpdir", "tmpdir"),
+# Command-line options that are vzdump options, passed on as text: (flag, vzdump key, help).
+VZDUMP_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--mode", "mode", "snapshot | suspend | stop (default snapshot)"),
+    ("--compress", "compress", "0 | 1 | gzip | lzo | zstd (default 0: none; 1 = lzo)"),
+    ("--zstd", "zstd", "zstd threads; 0 = half the CPUs (default 1)"),
+    ("--pigz", "pigz", "gzip through pigz with N threads; 1 = half the CPUs (default 0: gzip)"),
+    ("--bwlimit", "bwlimit", "read limit in KiB/s; 0 = unlimited (default 0)"),
+    ("--ionice", "ionice", "I/O priority 0..8, 8 = idle class (default 7)"),
+    ("--performance", "performance", "max-workers=N (default 16; accepted for vzdump's sake)"),
+    ("--fleecing", "fleecing", "enabled=0|1,storage=ID: guest writes go to a temporary image (default off)"),
+    ("--dirty-bitmap", "dirty-bitmap", "0 | 1: read only what changed since the last archive (default 1)"),
+    ("--notes-template", "notes-template",
+     "text of <archive>.notes: {{cluster}} {{guestname}} {{node}} {{vmid}} (default none)"),
+    ("--protected", "protected", "0 | 1: mark the backup protected (default 0)"),
+    ("--script", "script", "hook script run at each phase (default none)"),
+    ("--lockwait", "lockwait", "minutes to wait for the host lock (default 180)"),
+    ("--stopwait", "stopwait", "minutes to wait for a clean shutdown in stop mode (default 10)"),
+    ("--remove", "remove", "0 | 1: prune older backups afterwards (default 1)"),
+    ("--prune-backups", "prune-backups",
+     "keep-last=N,keep-hourly=N,…,keep-all=1 (default: the storage's, else keep-all=1)"),
+    ("--maxfiles", "maxfiles", "deprecated: keep-last=N (use --prune-backups)"),
+    ("--exclude", "exclude", "VMIDs to leave out; without VMIDs or --all it means all but these"),
+    ("--pool", "pool", "not supported: guest definitions name no pool (refused)"),
+    ("--node", "node", "run only on the host with this name; elsewhere do nothing (default: any)"),
+    ("--quiet", "quiet", "0 | 1: only warnings and errors on stderr; the logs stay complete (default 0)"),
+    ("--mailto", "mailto", "addresses for the status mail, comma-separated (default none)"),
+    ("--mailnotification", "mailnotification", "always | failure (default always)"),
+    ("--notification-mode", "notification-mode",
+     "auto | legacy-sendmail | notification-system; only mail is sent (default auto)"),
+    ("--tmpdir", "tmpdir", "accepted; unused (archives are written in place as .dat)"),
+    ("--exclude-path", "exclude-path", "containers only: ignored for VMs"),
+    ("--stdexcludes", "stdexcludes", "containers only: ignored for VMs"),
 )
 
 
@@ -77,10 +90,11 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "a stopped VM needs its definition.",
     )
     p.add_argument("vmids", nargs="*", type=vmid_arg, metavar="VMID", help="the VMs to back up")
-    p.add_argument("--all", action="store_true", help="every VM with a guest definition")
+    p.add_argument("--all", action="store_true",
+                   help="every VM with a guest definition (no VMIDs with it; default off)")
     add_target_arguments(p)
-    for flag, key in VZDUMP_FLAGS:
-        p.add_argument(flag, dest=key.replace("-", "_"), metavar="VALUE", help=f"vzdump's '{key}' option")
+    for flag, key, text in VZDUMP_FLAGS:
+        p.add_argument(flag, dest=key.replace("-", "_"), metavar="VALUE", help=text)
     p.add_argument("--stdout", action="store_true", help="write the archive of one VM to standard output")
     p.add_argument("--qmp", type=Path, metavar="PATH", help="QMP socket of a running VM (one VMID)")
     p.add_argument("--qga", type=Path, metavar="PATH", help="guest agent socket of that VM")
@@ -96,7 +110,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def _cli_options(args: argparse.Namespace) -> dict[str, str]:
     options = target_options(args)
-    for _flag, key in VZDUMP_FLAGS:
+    for _flag, key, _text in VZDUMP_FLAGS:
         value = getattr(args, key.replace("-", "_"))
         if value is not None:
             options[key] = value
@@ -107,8 +121,10 @@ def _cli_options(args: argparse.Namespace) -> dict[str, str]:
 
 def _guests(args: argparse.Namespace, ctx: Context, job_vmids: tuple[int, ...], job_all: bool,
             exclude: tuple[int, ...]) -> list[int]:
+    if args.vmids and (args.all or job_all):
+        raise UsageError("give VMIDs or --all, not both")
     vmids = list(args.vmids) or list(job_vmids)
-    if args.all or job_all:
+    if args.all or job_all or (exclude and not vmids):  # vzdump: --exclude alone means all but these
         folder = ctx.config_dir / "guests"
         found = sorted(int(p.stem) for p in folder.glob("*.conf") if p.stem.isdigit()) if folder.is_dir() else []
         vmids = sorted(set(vmids) | set(found))
@@ -118,8 +134,23 @@ def _guests(args: argparse.Namespace, ctx: Context, job_vmids: tuple[int, ...], 
     return vmids
 
 
+def _check_protected_room(target: Target, vmids: list[int]) -> None:
+    """vzdump refuses ``--protected 1`` before the backup when the storage's limit is reached."""
+    storage = target.storage
+    limit = storage.max_protected_backups if storage else None
+    if storage is None or limit is None or limit < 0:
+        return
+    for vmid in vmids:
+        count = count_protected(target.dump_dir, vmid) if target.dump_dir.is_dir() else 0
+        if count >= limit:
+            raise UsageError(
+                f"VM {vmid}: cannot back up as protected: {count} protected backup(s) already, "
+                f"the maximum (max-protected-backups of storage '{storage.storeid}') is {limit}"
+            )
+
+
 def _send_mail(opts: VzdumpOptions, results: list[GuestResult], definitions: dict[int, GuestDefinition | None],
-               job_id: str | None, seconds: float) -> None:
+               job_id: str | None, seconds: float, cmdline: str) -> None:
     """vzdump's status mail (``mailto``, ``mailnotification``); a failure to send only warns."""
     guests = []
     for r in results:
@@ -131,7 +162,7 @@ def _send_mail(opts: VzdumpOptions, results: list[GuestResult], definitions: dic
         guests.append(MailGuest(vmid=r.vmid, ok=r.status == "ok", duration_s=r.duration_s,
                                 name=definition.name if definition else None, size=r.archive_size,
                                 filename=r.archive, error=r.error, log_lines=lines))
-    report = JobReport(hostname=os.uname().nodename, cmdline=" ".join(["qmpbackup", *sys.argv[1:]]),
+    report = JobReport(hostname=os.uname().nodename, cmdline=cmdline,
                        guests=guests, total_time_s=seconds, job_id=job_id)
     try:
         notify(opts, report)
@@ -160,9 +191,20 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         task.info("no backup job is running" if pid is None else f"stopped backup job (pid {pid})")
         return EXIT_OK
     job = find_job(load_jobs_cfg(ctx.config_dir), args.job_id) if args.job_id else None
-    target = resolve_target(ctx.config_dir, _cli_options(args), job.options if job else None)
+    cli_options = _cli_options(args)
+    target = resolve_target(ctx.config_dir, cli_options, job.options if job else None)
     opts = target.options
+    if opts.quiet:
+        quiet_stderr()
+    if opts.pool is not None:
+        raise UsageError("--pool: pools are not supported (guest definitions name no pool); give VMIDs or --all")
+    here = os.uname().nodename
+    if opts.node is not None and opts.node != here:
+        task.info(f"skipping backup job: it is for node '{opts.node}', this is '{here}'")
+        return EXIT_OK
     vmids = _guests(args, ctx, opts.vmid, opts.all, opts.exclude)
+    if opts.protected:
+        _check_protected_room(target, vmids)
     if (args.qmp or args.qga) and len(vmids) != 1:
         raise UsageError("--qmp/--qga name the sockets of one VM: give exactly one VMID")
     if opts.stdout and len(vmids) != 1:
@@ -178,12 +220,14 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
 
     if hooks:
         await hooks.job_phase("job-init", explicit_dumpdir=opts.dumpdir is not None)
+    written = {**(job.text if job else {}), **cli_options, **({"job-id": job.id} if job else {})}
+    cmdline = vzdump_command_line(args.vmids or opts.vmid, bool(args.all or opts.all), written)
     lock = HostLock(args.run_dir)
     await lock.acquire_async(opts.lockwait_min * 60)
     results: list[GuestResult] = []
     started = time.monotonic()
     try:
-        task.info(f"starting new backup job: qmpbackup backup {' '.join(sys.argv[2:])}".rstrip())
+        task.info(f"starting new backup job: {cmdline}")
         if hooks:
             try:
                 await hooks.job_phase("job-start")
@@ -211,7 +255,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         task.info("Backup job finished with errors" if failed else "Backup job finished successfully")
     finally:
         lock.release()
-    _send_mail(opts, results, definitions, args.job_id, time.monotonic() - started)
+    _send_mail(opts, results, definitions, args.job_id, time.monotonic() - started, cmdline)
     if args.output_format == "json" and not opts.stdout:
         for result in results:  # one object per guest, one per line
             print_json_line(result.as_json())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,6 +31,29 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Unknown arguments are reported by the (sub)command that got them, naming its ``--help``."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        if not hasattr(parsed, HELP_PROG):
+            setattr(parsed, HELP_PROG, self.prog)  # the innermost command sets it first
+        return parsed, extras
+
+
+HELP_PROG = "_help_prog"
+
+
+def with_help_hint(exc: UsageError, args: argparse.Namespace | None) -> str:
+    """The error's line, pointing to the command's ``--help`` (not for errors in a config file)."""
+    text = str(exc)
+    if getattr(exc, "path", None) is not None or "--help" in text:
+        return text
+    prog = getattr(args, HELP_PROG, "qmpbackup") if args is not None else "qmpbackup"
+    return f"{text} (see '{prog} --help')"
 
 
 def global_options() -> ArgumentParser:
@@ -57,6 +82,13 @@ def context_from(args: argparse.Namespace) -> Context:
     """The only place that reads the environment for global settings."""
     config_dir = getattr(args, "config_dir", None) or os.environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR
     return Context(config_dir=Path(config_dir), debug=bool(getattr(args, "debug", False)))
+
+
+def quiet_stderr() -> None:
+    """``quiet 1``: only warnings and errors on stderr (log files are written apart from this)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def add_output_format(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,15 @@ from typing import Any
 from qmpbackup.cli.common import ArgumentParser, Context, add_output_format, print_json
 from qmpbackup.jobs.calendar import next_event, next_events, parse_calendar_event
 from qmpbackup.jobs.jobs_cfg import BackupJob, find_job, load_jobs_cfg
-from qmpbackup.jobs.scheduler import STATE_FILE, Scheduler, backup_command, load_state, next_run, spawn_job
+from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
+from qmpbackup.jobs.scheduler import (
+    STATE_FILE,
+    Scheduler,
+    backup_command,
+    load_state,
+    next_run,
+    spawn_job,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     ls.set_defaults(run=run_list)
     r = sub.add_parser("run", parents=[common], help="run a job now (does not change its schedule)")
     r.add_argument("job_id", metavar="ID", help="the job's id in jobs.cfg")
+    _add_state_dir(r)
+    _add_run_dir(r)
     r.set_defaults(run=run_job_now)
     s = subparsers.add_parser(
         "scheduler",
@@ -56,14 +66,20 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "Runs until stopped by SIGTERM/SIGINT.",
     )
     _add_state_dir(s)
+    _add_run_dir(s)
     s.set_defaults(run=run_scheduler)
 
 
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR",
-        help=f"where the scheduler keeps {STATE_FILE} (default {DEFAULT_STATE_DIR})",
+        help=f"where the scheduler keeps {STATE_FILE} and the backups their journals (default {DEFAULT_STATE_DIR})",
     )  # fmt: skip
+
+
+def _add_run_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",
+                        help=f"the backups' host lock and pid file (default {DEFAULT_RUN_DIR})")
 
 
 def _local(epoch: int) -> str:
@@ -132,14 +148,14 @@ def run_list(args: argparse.Namespace, ctx: Context) -> int:
 async def run_job_now(args: argparse.Namespace, ctx: Context) -> int:
     job: BackupJob = find_job(load_jobs_cfg(ctx.config_dir), args.job_id)
     log.info("running job %s now", job.id)
-    return await spawn_job(backup_command(job, ctx.config_dir))
+    return await spawn_job(backup_command(job, ctx.config_dir, args.state_dir, args.run_dir))
 
 
 async def run_scheduler(args: argparse.Namespace, ctx: Context) -> int:
     scheduler = Scheduler(
         ctx.config_dir,
         args.state_dir / STATE_FILE,
-        lambda job: spawn_job(backup_command(job, ctx.config_dir)),
+        lambda job: spawn_job(backup_command(job, ctx.config_dir, args.state_dir, args.run_dir)),
     )
     await scheduler.run_forever()
     return 0

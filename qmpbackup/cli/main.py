@@ -18,8 +18,15 @@ from collections.abc import Awaitable, Sequence
 from types import FrameType
 from typing import Any
 
-from qmpbackup.cli.common import ArgumentParser, Context, context_from, global_options
-from qmpbackup.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, QmpBackupError
+from qmpbackup import __version__
+from qmpbackup.cli.common import (
+    ArgumentParser,
+    Context,
+    context_from,
+    global_options,
+    with_help_hint,
+)
+from qmpbackup.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, QmpBackupError, UsageError
 
 log = logging.getLogger("qmpbackup")
 
@@ -54,6 +61,7 @@ def build_parser() -> ArgumentParser:
         parents=[common],
         description="Live, consistent backups of QEMU VMs as Proxmox VMA archives.",
     )
+    parser.add_argument("--version", action="version", version=f"qmpbackup {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
     for name in COMMAND_MODULES:
@@ -120,11 +128,16 @@ def run_command(args: Any, ctx: Context) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     setup_logging(debug)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         ctx = context_from(args)
         setup_logging(ctx.debug)
         return run_command(args, ctx)
+    except UsageError as exc:
+        log.debug("traceback", exc_info=True)
+        log.error("%s", with_help_hint(exc, args))
+        return exc.exit_code
     except QmpBackupError as exc:
         log.debug("traceback", exc_info=True)
         log.error("%s", exc)

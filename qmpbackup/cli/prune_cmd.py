@@ -1,4 +1,4 @@
-"""``qmpbackup prune``: apply a retention to one VM's backups in a dump directory."""
+"""``qmpbackup prune``: apply a retention to each VM's backups in a dump directory (or one VM's)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from qmpbackup.cli.common import (
     vmid_arg,
 )
 from qmpbackup.jobs.target import resolve_target
-from qmpbackup.store.dumpdir import apply_prune, plan_prune
+from qmpbackup.store.dumpdir import apply_prune, list_backups, plan_prune
 from qmpbackup.store.prune import Mark, counts
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         description="Mark a VM's backups keep/remove/protected/renamed as Proxmox's prune does, "
         "and remove those marked remove (with their .log and .notes).",
     )
-    p.add_argument("--vmid", type=vmid_arg, required=True, help="the VM whose backups to prune")
+    p.add_argument("--vmid", type=vmid_arg,
+                   help="only this VM's backups (default: every VM's, each group on its own)")
     add_target_arguments(p)
     p.add_argument("--prune-backups", metavar="SPEC", help="e.g. keep-last=3,keep-daily=7 (default: storage, "
                    "then vzdump.conf, then keep-all=1)")
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         options["prune-backups"] = args.prune_backups
     target = resolve_target(ctx.config_dir, options)
     retention = target.options.effective_prune
-    entries = plan_prune(target.dump_dir, args.vmid, retention)
+    vmids = [args.vmid] if args.vmid is not None else sorted({b.name.vmid for b in list_backups(target.dump_dir)})
+    planned = [(vmid, entry) for vmid in vmids for entry in plan_prune(target.dump_dir, vmid, retention)]
+    entries = [entry for _vmid, entry in planned]
     if retention.keeps_everything():
         log.info("no prune selection - keeping all files")
     else:
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         removed = apply_prune(entries)
         log.info("pruned %d backup(s) not covered by keep-retention policy", len(removed))
     if args.output_format == "json":
-        print_json([dict(e.as_json(), vmid=args.vmid, type="qemu") for e in entries])
+        print_json([dict(e.as_json(), vmid=vmid, type="qemu") for vmid, e in planned])
         return 0
     prefix = "would " if args.dry_run else ""
     for e in entries:

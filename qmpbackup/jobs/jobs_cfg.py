@@ -9,13 +9,28 @@ option layer (see :mod:`qmpbackup.jobs.vzdump_conf`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from qmpbackup.errors import ConfigError
-from qmpbackup.jobs.calendar import CalendarEvent, CalendarEventError, parse_calendar_event
-from qmpbackup.jobs.section_config import Section, load_section_config, parse_section_config
-from qmpbackup.jobs.vzdump_conf import OptionLayer, VzdumpOptions, layer_from_items, merge
+from qmpbackup.jobs.calendar import (
+    CalendarEvent,
+    CalendarEventError,
+    parse_calendar_event,
+)
+from qmpbackup.jobs.section_config import (
+    Section,
+    load_section_config,
+    parse_section_config,
+)
+from qmpbackup.jobs.vzdump_conf import (
+    OptionLayer,
+    VzdumpOptions,
+    layer_from_items,
+    merge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +50,7 @@ class BackupJob:
     comment: str | None
     options: OptionLayer  # the vzdump options the job sets (its layer in the precedence)
     origin: str
+    text: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # those options as written
 
     @property
     def settings(self) -> VzdumpOptions:
@@ -77,6 +93,7 @@ def _job_from(section: Section) -> BackupJob:
         comment=section.options.get("comment"),
         options=layer,
         origin=f"{section.path}:{section.line}",
+        text=MappingProxyType({key: value for key, value, _line in items}),
     )
 
 

@@ -237,10 +237,16 @@ JOB_TIMEOUT_S = 3 * 86400.0  # a run longer than this is hung: stop it
 STOP_GRACE_S = 15.0  # as `vzdump --stop`: SIGTERM, then up to 15 s
 
 
-def backup_command(job: BackupJob, config_dir: Path) -> list[str]:
+def backup_command(job: BackupJob, config_dir: Path, state_dir: Path | None = None,
+                   run_dir: Path | None = None) -> list[str]:
     """The command a job runs: ``qmpbackup backup --job-id ID`` (the backup reads the job's options)."""
-    return [sys.executable, "-m", "qmpbackup.cli.main", "--config-dir", str(config_dir), "backup",
-            "--job-id", job.id]  # fmt: skip
+    command = [sys.executable, "-m", "qmpbackup.cli.main", "--config-dir", str(config_dir), "backup",
+               "--job-id", job.id]  # fmt: skip
+    if state_dir is not None:
+        command += ["--state-dir", str(state_dir)]
+    if run_dir is not None:
+        command += ["--run-dir", str(run_dir)]
+    return command
 
 
 async def spawn_job(command: Sequence[str], timeout_s: float = JOB_TIMEOUT_S) -> int:

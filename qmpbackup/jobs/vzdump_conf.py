@@ -310,7 +310,7 @@ def layer_from_items(
         if option.deprecated:
             log.warning("%s'%s' is deprecated: %s", where, key, option.deprecated)
         if option.containers_only:
-            log.info("%s'%s' only concerns containers; ignored", where, key)
+            log.info("%s'%s' only concerns containers; ignored for VMs", where, key)
         if name is None:
             continue
         if name in set_by:

@@ -70,7 +70,6 @@ def test_prune_maxfiles_warns(tmp_path: Path, isolated_config: Path) -> None:
 
 
 def test_prune_bad_usage(tmp_path: Path, isolated_config: Path) -> None:
-    assert_usage_error(qmpbackup("prune", "--dumpdir", str(tmp_path)), "--vmid")
     assert_usage_error(qmpbackup("prune", "--vmid", "7", "--dumpdir", str(tmp_path)), "VM ID")
     assert_usage_error(qmpbackup("prune", "--vmid", "100", "--dumpdir", str(tmp_path),
                                  "--prune-backups", "keep-weakly=2"), "keep-weakly")
