@@ -9,6 +9,7 @@ from typing import Any
 from qmpbackup.cli.common import Context
 from qmpbackup.errors import UsageError
 from qmpbackup.guest_config import check_vmid
+from qmpbackup.jobs.storage_cfg import load_storage_cfg, restore_bwlimit_kib, storage_for_dir
 from qmpbackup.restore import RestoreOptions, restore
 from qmpbackup.restore.malloc_tuning import keep_large_buffers
 
@@ -30,8 +31,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                        "(default: the storage each disk's map line names, else 'local')")
     p.add_argument("--format", dest="image_format", choices=("raw", "qcow2"),
                    help="image format (default: the archive's, raw when unknown)")
-    p.add_argument("--bwlimit", type=int, default=0, metavar="KiB/s",
-                   help="read the archive at most this fast (0 = no limit)")
+    p.add_argument("--bwlimit", type=int, metavar="KiB/s",
+                   help="read the archive at most this fast, 0 = no limit (default: the 'restore' (else "
+                   "'default') bwlimit of the archive's and the target storage in storage.cfg, the lower; "
+                   "else no limit)")
     p.add_argument("--force", action="store_true", help="replace an existing guest definition and images")
     p.add_argument("--unique", action="store_true", help="give the copy new MAC addresses and a new SMBIOS uuid")
     p.add_argument("--start", action="store_true",
@@ -39,9 +42,22 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+def _bwlimit_kib(args: argparse.Namespace, ctx: Context) -> int:
+    """The command line wins; else storage.cfg's restore limit of the storages this restore touches."""
+    if args.bwlimit is not None:
+        if args.bwlimit < 0:
+            raise UsageError("--bwlimit must be 0 (no limit) or a rate in KiB/s")
+        return int(args.bwlimit)
+    storages = load_storage_cfg(ctx.config_dir)
+    involved = [storages[args.storage]] if args.storage in storages else []
+    if args.archive != "-":
+        source = storage_for_dir(storages, Path(args.archive).parent)
+        if source is not None:
+            involved.append(source)
+    return restore_bwlimit_kib(involved)
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    if args.bwlimit < 0:
-        raise UsageError("--bwlimit must be 0 (no limit) or a rate in KiB/s")
     opts = RestoreOptions(
         archive=args.archive,
         vmid=check_vmid(args.vmid),
@@ -49,7 +65,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         target_dir=args.target_dir,
         storage=args.storage,
         image_format=args.image_format,
-        bwlimit_kib=args.bwlimit,
+        bwlimit_kib=_bwlimit_kib(args, ctx),
         force=args.force,
         unique=args.unique,
         start=args.start,

@@ -9,12 +9,13 @@ Sections of other types are kept generically (type, id, raw options).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from qmpbackup.errors import UsageError
+from qmpbackup.jobs.property_string import PropertyStringError, parse_property_string
 from qmpbackup.jobs.section_config import Section, load_section_config, parse_section_config
 from qmpbackup.store.prune import PruneOptions, PruneSpecError, from_maxfiles, parse_prune_spec
 
@@ -61,6 +62,7 @@ class Storage:
     path: Path | None = None  # dir and other path-based types
     prune_backups: PruneOptions | None = None
     max_protected_backups: int | None = None  # -1 = unlimited; None = not set
+    bwlimit_kib: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # category → KiB/s
     vgname: str | None = None  # lvmthin
     thinpool: str | None = None  # lvmthin
     pool: str | None = None  # zfspool
@@ -127,6 +129,15 @@ def _storage_from(section: Section) -> Storage:
         if max_protected < -1:
             raise section.error("max-protected-backups", "max-protected-backups must be an integer >= -1")
     mountpoint = opts.get("mountpoint")
+    bwlimit: dict[str, int] = {}
+    if "bwlimit" in opts:
+        try:
+            for category, text in parse_property_string(opts["bwlimit"], BWLIMIT_CATEGORIES).items():
+                bwlimit[category] = int(float(text))
+                if bwlimit[category] < 0:
+                    raise ValueError(text)
+        except (PropertyStringError, ValueError) as exc:
+            raise section.error("bwlimit", f"bwlimit: {exc} (expected e.g. restore=10240,default=51200, KiB/s)") from None
     return Storage(
         type=stype,
         storeid=section.id,
@@ -136,6 +147,7 @@ def _storage_from(section: Section) -> Storage:
         path=path,
         prune_backups=prune,
         max_protected_backups=max_protected,
+        bwlimit_kib=MappingProxyType(bwlimit),
         vgname=opts.get("vgname"),
         thinpool=opts.get("thinpool"),
         pool=opts.get("pool"),
@@ -145,6 +157,23 @@ def _storage_from(section: Section) -> Storage:
         origin=f"{section.path}:{section.line}",
         options=MappingProxyType(dict(opts)),
     )
+
+
+BWLIMIT_CATEGORIES = frozenset({"default", "restore", "clone", "migration", "move"})
+
+
+def restore_bwlimit_kib(storages: Iterable[Storage]) -> int:
+    """The storages' restore limit as Proxmox takes it: ``restore`` else ``default``, the lowest wins; 0 = none."""
+    limits = []
+    for storage in storages:
+        limit = storage.bwlimit_kib.get("restore", storage.bwlimit_kib.get("default", 0))
+        if limit > 0:
+            limits.append(limit)
+        ignored = sorted(storage.bwlimit_kib.keys() - {"restore", "default"})
+        if ignored:
+            log.info("storage '%s': bwlimit %s do(es) not apply to qmpbackup; ignored", storage.storeid,
+                     "/".join(ignored))
+    return min(limits, default=0)
 
 
 def parse_storage_cfg(text: str, path: str) -> dict[str, Storage]:
@@ -192,5 +221,6 @@ __all__ = [
     "backup_storage",
     "load_storage_cfg",
     "parse_storage_cfg",
+    "restore_bwlimit_kib",
     "storage_for_dir",
 ]
