@@ -9,7 +9,11 @@ from typing import Any
 from qmpbackup.cli.common import Context
 from qmpbackup.errors import UsageError
 from qmpbackup.guest_config import check_vmid
-from qmpbackup.jobs.storage_cfg import load_storage_cfg, restore_bwlimit_kib, storage_for_dir
+from qmpbackup.jobs.storage_cfg import (
+    load_storage_cfg,
+    restore_bwlimit_kib,
+    storage_for_dir,
+)
 from qmpbackup.restore import RestoreOptions, restore
 from qmpbackup.restore.malloc_tuning import keep_large_buffers
 

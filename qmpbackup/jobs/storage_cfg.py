@@ -16,8 +16,17 @@ from types import MappingProxyType
 
 from qmpbackup.errors import UsageError
 from qmpbackup.jobs.property_string import PropertyStringError, parse_property_string
-from qmpbackup.jobs.section_config import Section, load_section_config, parse_section_config
-from qmpbackup.store.prune import PruneOptions, PruneSpecError, from_maxfiles, parse_prune_spec
+from qmpbackup.jobs.section_config import (
+    Section,
+    load_section_config,
+    parse_section_config,
+)
+from qmpbackup.store.prune import (
+    PruneOptions,
+    PruneSpecError,
+    from_maxfiles,
+    parse_prune_spec,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from qmpbackup.restore import RestoreOptions, restore
-from tests.restore.helpers import MiB, Disk, cli, config_text, vma_create
+from tests.restore.helpers import Disk, MiB, cli, config_text, vma_create
 
 
 def test_10_mib_per_second(tmp_path: Path, isolated_config: Path) -> None:
