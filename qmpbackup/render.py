@@ -48,11 +48,15 @@ def render_hms(seconds: float) -> str:
     return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
 
 
-def render_size_decimal(size: int) -> str:
-    """``5.20GB``: the ``archive file size`` spelling (decimal units, no space)."""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{int(value)}{unit}" if unit == "B" else f"{value:.2f}{unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+def render_archive_size(size: int) -> str:
+    """``13MB``, ``1.21GB``: vzdump's ``archive file size`` spelling.
+
+    Binary steps with short labels: whole KB and MB, two decimals from GB up.
+    """
+    mib = size / (1 << 20)
+    if mib < 1:
+        return f"{int(size / 1024)}KB"
+    if mib < 1024:
+        return f"{int(mib)}MB"
+    gib = mib / 1024
+    return f"{gib:.2f}GB" if gib < 1024 else f"{gib / 1024:.2f}TB"

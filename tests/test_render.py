@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 
 from qmpbackup.render import (
+    render_archive_size,
     render_bytes,
     render_duration,
     render_hms,
     render_rate,
-    render_size_decimal,
 )
 
 
@@ -34,5 +34,7 @@ def test_rate_and_durations() -> None:
 
 
 def test_decimal_sizes() -> None:
-    assert render_size_decimal(5_200_000_000) == "5.20GB"
-    assert render_size_decimal(512) == "512B"
+    assert render_archive_size(13 * 2**20 + 5) == "13MB"
+    assert render_archive_size(int(1.21 * 2**30)) == "1.21GB"
+    assert render_archive_size(5000) == "4KB"
+    assert render_archive_size(3 * 2**40) == "3.00TB"

@@ -67,7 +67,7 @@ from qmpbackup.qemu.discovery import Disk, discover_disks
 from qmpbackup.qemu.nodes import KIND_PAUSE, undo_steps
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.spawn import SpawnedQemu
-from qmpbackup.render import render_hms, render_size_decimal
+from qmpbackup.render import render_hms, render_archive_size
 from qmpbackup.store.dumpdir import check_backup_limit, prune_after_backup
 from qmpbackup.store.names import archive_name, log_name, temp_name
 from qmpbackup.store.notes import render_notes, write_notes
@@ -461,7 +461,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
     if req.stdout is None:
         result.archive = str(archive)
         result.archive_size = archive.stat().st_size
-        tasklog.info(f"archive file size: {render_size_decimal(result.archive_size)}")
+        tasklog.info(f"archive file size: {render_archive_size(result.archive_size)}")
         _after_archive(req, archive, definition, tasklog)
 
 
@@ -604,7 +604,7 @@ def _after_archive(req: GuestRequest, archive: Path, definition: GuestDefinition
     if opts.notes_template:
         tasklog.info("adding notes to backup")
         try:
-            text = render_notes(opts.notes_template, cluster=req.node, guestname=definition.name or "",
+            text = render_notes(opts.notes_template, cluster=None, guestname=definition.name,
                                 node=req.node, vmid=req.vmid)
             write_notes(archive, text)
         except QmpBackupError as exc:

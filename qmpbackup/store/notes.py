@@ -29,8 +29,10 @@ class NotesTemplateError(UsageError):
     """A notes template uses an escape vzdump does not know."""
 
 
-def render_notes(template: str, cluster: str, guestname: str, node: str, vmid: int | str) -> str:
+def render_notes(template: str, cluster: str | None, guestname: str | None, node: str, vmid: int | str) -> str:
     """Expand a vzdump ``notes-template``: ``\\n`` and ``\\\\`` escapes, then ``{{var}}``.
+
+    As vzdump renders them: no cluster is ``standalone node``, no name is ``VM <vmid>``.
 
     Escapes are resolved first, so a guest name containing a backslash is kept as is.
     Unknown ``{{…}}`` text is left alone, as vzdump does.
@@ -46,7 +48,8 @@ def render_notes(template: str, cluster: str, guestname: str, node: str, vmid: i
         raise NotesTemplateError(f"notes-template: unexpected escape character '{shown}'")
 
     text = _ESCAPE.sub(unescape, template)
-    values = {"cluster": cluster, "guestname": guestname, "node": node, "vmid": str(vmid)}
+    values = {"cluster": cluster or "standalone node", "guestname": guestname or f"VM {vmid}", "node": node,
+              "vmid": str(vmid)}
     return _VARIABLE.sub(lambda m: values[m.group(1)], text)
 
 

@@ -192,3 +192,14 @@ async def test_jobs_for_other_nodes_are_skipped(tmp_path: Path, isolated_config:
     s.start()
     clock.now = at(1, 21)
     assert await s.tick() == ["here"]
+
+
+def test_service_unit_treats_sigterm_as_success_and_runs_the_installed_command() -> None:
+    """The unit's ExecStart is where README's install step puts qmpbackup; a stop (143) is not a failure."""
+    root = Path(__file__).resolve().parents[2]
+    unit = (root / "contrib" / "qmpbackup-scheduler.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    assert "143" in settings["SuccessExitStatus"].split()
+    program = settings["ExecStart"].split()[0]
+    readme = (root / "README.md").read_text()
+    assert f'ln -sf "$PWD/.venv/bin/qmpbackup" {program}' in readme

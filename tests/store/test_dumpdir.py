@@ -138,6 +138,8 @@ def test_render_notes() -> None:
     out = render_notes("{{guestname}} ({{vmid}}) on {{node}}/{{cluster}}\\nback\\\\slash {{other}}",
                        cluster="c1", guestname="web\\01", node="pve1", vmid=100)
     assert out == "web\\01 (100) on pve1/c1\nback\\slash {{other}}"
+    assert render_notes("{{guestname}} / {{cluster}}", cluster=None, guestname=None, node="n", vmid=105) == (
+        "VM 105 / standalone node")
     with pytest.raises(NotesTemplateError):
         render_notes("bad \\t escape", "c", "g", "n", 1)
     with pytest.raises(NotesTemplateError):
