@@ -185,7 +185,9 @@ class _Child:
         except OSError as exc:
             self._stderr.close()
             hint = " (is it installed?)" if isinstance(exc, FileNotFoundError) else ""
-            raise CompressError(f"cannot start {self.program}{hint}: {exc.strerror or exc}", program=self.program) from exc
+            raise CompressError(
+                f"cannot start {self.program}{hint}: {exc.strerror or exc}", program=self.program
+            ) from exc
         self.returncode: int | None = None
         log.debug("started %s as pid %d", " ".join(argv), self.proc.pid)
         if ionice is not None:
@@ -853,7 +855,9 @@ class _ChildDecompressor(Decompressor):
         try:
             data = os.read(self._out, size)
         except OSError as exc:
-            raise CompressError(f"reading from {self._child.program} failed: {exc}", program=self._child.program) from exc
+            raise CompressError(
+                f"reading from {self._child.program} failed: {exc}", program=self._child.program
+            ) from exc
         if data:
             return data
         if self._feeder is not None:

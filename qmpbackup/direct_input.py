@@ -21,7 +21,7 @@ import logging
 import mmap
 import os
 import threading
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, cast
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def open_direct(path: str) -> BinaryIO:
         with contextlib.suppress(OSError):
             os.posix_fadvise(raw.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return raw
-    return DirectInput(fd, path)
+    return cast(BinaryIO, DirectInput(fd, path))  # a RawIOBase: read, readinto, close, with
 
 
 class DirectInput(io.RawIOBase):

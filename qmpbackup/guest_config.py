@@ -203,7 +203,9 @@ def _parse_drive(key: str, value: str, where: str, line: int) -> DriveConfig:
     m = _DRIVE_RE.fullmatch(key)
     assert m is not None
     if int(m.group(2)) >= DRIVE_LIMITS[m.group(1)]:
-        raise ConfigError(f"{key}: {m.group(1)} drives go up to {m.group(1)}{DRIVE_LIMITS[m.group(1)] - 1}", where, line)
+        raise ConfigError(
+            f"{key}: {m.group(1)} drives go up to {m.group(1)}{DRIVE_LIMITS[m.group(1)] - 1}", where, line
+        )
     props = _property_string(value, "file", where, line)
     opts = dict(props)
     volume = opts.get("file")
@@ -234,7 +236,8 @@ def _parse_reach(entries: Sequence[tuple[str, str, int]], where: str) -> Reach:
     for key, value, line in entries:
         if key not in _SECTION_KEYS:
             raise ConfigError(f"unknown key {key!r} in [{SECTION}] (known: {', '.join(_SECTION_KEYS)})", where, line)
-        if key in ("qmp", "qga", "qemu") and value.startswith(("~", ".")) or (key in ("qmp", "qga") and not value.startswith("/")):
+        relative = value.startswith(("~", ".")) if key == "qemu" else not value.startswith("/")
+        if key in ("qmp", "qga", "qemu") and relative:
             raise ConfigError(f"{key} must be an absolute path, not {value!r}", where, line)
         if key == "accel" and value not in _ACCELS:
             raise ConfigError(f"accel must be one of {', '.join(_ACCELS)}, not {value!r}", where, line)

@@ -100,7 +100,7 @@ class _Partial:
                 old = bytes(self.buf[a:b])
                 new = _ZERO[:b - a] if piece is None else bytes(piece[a - off:b - off])
                 if old != new:
-                    return a + next(k for k, (x, y) in enumerate(zip(old, new)) if x != y)
+                    return a + next(k for k, (x, y) in enumerate(zip(old, new, strict=True)) if x != y)
             i += 1
         return None
 

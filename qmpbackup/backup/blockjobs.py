@@ -31,8 +31,6 @@ from qmpbackup.qemu.nodes import (
     cancel_job,
     delete_node,
     job_states,
-    node_exists,
-    undo_steps,
 )
 from qmpbackup.qemu.session import QmpSession
 

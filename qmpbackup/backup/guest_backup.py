@@ -35,7 +35,6 @@ from qmpbackup.atomic_file import atomic_output
 from qmpbackup.backup.archive_config import DiskMap, assemble, vma_device_name
 from qmpbackup.backup.blockjobs import (
     BlockJobError,
-    DriveJob,
     JobProgress,
     attach_targets,
     detach_targets,

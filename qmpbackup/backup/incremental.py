@@ -39,7 +39,7 @@ from uuid import UUID
 from qmpbackup.backup.archive_config import vma_device_name
 from qmpbackup.backup.blockjobs import DriveJob
 from qmpbackup.errors import QmpBackupError
-from qmpbackup.journal import Entry, Journal, Undo
+from qmpbackup.journal import Entry, Journal
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.errors import QmpCommandError
 from qmpbackup.qemu.nodes import KIND_BITMAP, remove_bitmap

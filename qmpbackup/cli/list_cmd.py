@@ -65,6 +65,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     header = ("FILE", "TIME", "SIZE", "COMPRESSION", "PROTECTED", "NOTES")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths)]
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]).rstrip())
     return 0

@@ -31,7 +31,18 @@ from qmpbackup.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, QmpBackupError, Usag
 log = logging.getLogger("qmpbackup")
 
 # One module per subcommand, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("backup_cmd", "vma_cmd", "list_cmd", "prune_cmd", "protect_cmd", "notes_cmd", "jobs_cmd", "restore_cmd", "verify_cmd", "cleanup_cmd")
+COMMAND_MODULES: tuple[str, ...] = (
+    "backup_cmd",
+    "vma_cmd",
+    "list_cmd",
+    "prune_cmd",
+    "protect_cmd",
+    "notes_cmd",
+    "jobs_cmd",
+    "restore_cmd",
+    "verify_cmd",
+    "cleanup_cmd",
+)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

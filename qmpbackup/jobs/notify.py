@@ -113,7 +113,7 @@ def compose_mail(report: JobReport, recipients: Sequence[str], sender: str = "ro
         for g in report.guests
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
     total_size = sum(g.size or 0 for g in report.guests)
     body = (
         "Details\n=======\n"

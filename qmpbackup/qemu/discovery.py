@@ -39,7 +39,16 @@ DISK_TYPES: Mapping[str, str] = {
 CDROM_TYPES = frozenset({"ide-cd", "scsi-cd"})
 #: Drivers that sit above the disk's format node and pass data through.
 FILTER_DRIVERS = frozenset(
-    {"throttle", "copy-before-write", "preallocate", "compress", "copy-on-read", "blkdebug", "blklogwrites", "blkverify"}
+    {
+        "throttle",
+        "copy-before-write",
+        "preallocate",
+        "compress",
+        "copy-on-read",
+        "blkdebug",
+        "blklogwrites",
+        "blkverify",
+    }
 )
 #: Image formats: their ``file`` child is the protocol node.
 FORMAT_DRIVERS = frozenset(

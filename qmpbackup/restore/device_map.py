@@ -80,8 +80,8 @@ def map_devices(config_text: str, devices: Iterable[DeviceInfo]) -> list[MappedD
         by_devname[entry.devname] = entry
     mapped: list[MappedDevice] = []
     for name, dev in by_name.items():
-        entry = by_devname.get(name)
-        if entry is None:
+        line = by_devname.get(name)
+        if line is None:
             raise DeviceMapError(f"found no device mapping information for device '{name}'")
-        mapped.append(MappedDevice(dev, entry.virtdev, entry.storeid, entry.format))
+        mapped.append(MappedDevice(dev, line.virtdev, line.storeid, line.format))
     return sorted(mapped, key=lambda m: m.device.dev_id)

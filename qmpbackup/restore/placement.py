@@ -81,7 +81,9 @@ def image_dir_of(storages: Mapping[str, Storage], storeid: str, vmid: int) -> Pa
             "use --storage ID or --target-dir DIR"
         )
     if storage.path is None:
-        raise StorageChoiceError(f"storage '{storeid}' ({storage.type}) is not a file storage; only file storages are supported")
+        raise StorageChoiceError(
+            f"storage '{storeid}' ({storage.type}) is not a file storage; only file storages are supported"
+        )
     return storage.path / "images" / str(vmid)
 
 

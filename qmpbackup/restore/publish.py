@@ -80,7 +80,7 @@ def publish(moves: Sequence[tuple[Path, Path]], *, replace: bool) -> None:
                 except OSError as exc:
                     log.error("could not undo %s: %s", final, exc)
             raise
-        for final, old in done:
+        for _, old in done:
             if old is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(old)

@@ -212,7 +212,9 @@ def extract(
                 os.ftruncate(fd, dev.size)
                 if on_device is not None:
                     on_device(target / temp_name, dev.size)
-                result.append(ExtractedDisk(dev.dev_id, dev.name, dev.size, target / disk_file_name(dev.name, temp=False)))
+                result.append(
+                    ExtractedDisk(dev.dev_id, dev.name, dev.size, target / disk_file_name(dev.name, temp=False))
+                )
             _warn_vmstate(reader)
             # A new sparse file reads as zero already: zero blocks are never written.
             sizes = {dev.dev_id: dev.size for dev in selected}

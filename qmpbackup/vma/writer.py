@@ -258,7 +258,7 @@ class VmaWriter:
         fmt.EXTENT_HEADER.pack_into(header, 0, fmt.EXTENT_MAGIC, 0, block_count, self._uuid.bytes, bytes(16),
                                     *slots, *[0] * (fmt.EXTENT_SLOTS - len(slots)))
         header[fmt.EXTENT_MD5] = hashlib.md5(header).digest()
-        self._emit(header)
+        self._emit(bytes(header))
         self._cut()
         for part in parts:
             if not part.payload:

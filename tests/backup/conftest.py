@@ -1,3 +1,4 @@
 """Fixtures for the backup engine's tests: the fake guest agent, real QEMU (each version)."""
 
 from tests.guest_agent.fake_agent import fake_agent, short_dir  # noqa: F401
+from tests.support.qemu import pytest_runtest_makereport, qemu, qemu_vm  # noqa: F401

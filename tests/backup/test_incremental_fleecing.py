@@ -26,7 +26,7 @@ from qmpbackup.backup.incremental import DriveDecision, IncrementalPlan, remove_
 from qmpbackup.journal import Journal
 from qmpbackup.qemu.session import QmpSession
 from tests.support.backup import make_image
-from tests.support.qemu import DriveSpec, QemuBinaries, qemu, qemu_vm  # noqa: F401 - fixtures
+from tests.support.qemu import DriveSpec, QemuBinaries
 
 pytestmark = pytest.mark.qemu
 

@@ -49,7 +49,9 @@ def test_detect(head: bytes, expected: Compression) -> None:
     assert detect(head) is expected
 
 
-@pytest.mark.parametrize(("option", "cpus", "threads"), [(1, 2, 1), (0, 2, 1), (0, 3, 2), (0, 8, 4), (0, 1, 1), (4, 2, 4)])
+@pytest.mark.parametrize(
+    ("option", "cpus", "threads"), [(1, 2, 1), (0, 2, 1), (0, 3, 2), (0, 8, 4), (0, 1, 1), (4, 2, 4)]
+)
 def test_zstd_threads_follow_vzdump(option: int, cpus: int, threads: int) -> None:
     assert zstd_thread_count(option, cpus) == threads
 

@@ -69,7 +69,7 @@ WorldFactory = Callable[..., contextlib.AbstractAsyncContextManager[World]]
 
 
 @pytest.fixture
-def world(qemu: QemuBinaries, qemu_vm: Callable[..., RunningQemu], tmp_path: Path) -> WorldFactory:
+def world(qemu: QemuBinaries, qemu_vm: Callable[..., RunningQemu], tmp_path: Path) -> WorldFactory:  # noqa: F811
     """``async with world([DriveSpec(...)]) as w:`` a paused VM, connected session, open journal."""
 
     @contextlib.asynccontextmanager

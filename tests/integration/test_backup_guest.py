@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.guest, pytest.mark.qemu, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-def guests(guest_image: GuestImage) -> Iterator[GuestFactory]:
+def guests(guest_image: GuestImage) -> Iterator[GuestFactory]:  # noqa: F811 - the imported fixture
     with GuestFactory(guest_image) as factory:
         yield factory
 

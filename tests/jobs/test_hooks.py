@@ -65,7 +65,9 @@ async def test_timeout_kills(tmp_path: Path) -> None:
 
 
 async def test_cancel_kills(tmp_path: Path) -> None:
-    script = make_script(tmp_path / "slow.sh", "#!/bin/sh\necho $$ > " + str(tmp_path / "pid") + "\nexec /bin/sleep 30\n")
+    script = make_script(
+        tmp_path / "slow.sh", "#!/bin/sh\necho $$ > " + str(tmp_path / "pid") + "\nexec /bin/sleep 30\n"
+    )
     runner = HookRunner(script, on_output=lambda line: None)
     task = asyncio.create_task(runner.job_phase("job-end"))
     for _ in range(100):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -120,7 +121,7 @@ def test_random_order_pieces_rebuild_the_image(clusters: int, tail: int, seed: i
     rnd = random.Random(seed)
     # cut [0, size) into pieces at random points, leave some out (they stay zero only if zero)
     cuts = sorted({0, size, *(rnd.randrange(size) for _ in range(pieces))})
-    ranges = list(zip(cuts, cuts[1:]))
+    ranges = list(itertools.pairwise(cuts))
     if repeat:
         ranges += rnd.sample(ranges, k=min(3, len(ranges)))
     rnd.shuffle(ranges)

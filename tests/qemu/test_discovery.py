@@ -61,7 +61,9 @@ async def test_drive_style_with_keys(qemu: QemuBinaries, tmp_path: Path, qemu_vm
     assert (i0.bus, i0.format, i0.size, i0.read_only) == ("ide", "qcow2", 5 * MiB, False)
 
 
-async def test_blockdev_style_by_bus_and_order(qemu: QemuBinaries, tmp_path: Path, qemu_vm: Callable[..., RunningQemu]) -> None:
+async def test_blockdev_style_by_bus_and_order(
+    qemu: QemuBinaries, tmp_path: Path, qemu_vm: Callable[..., RunningQemu]
+) -> None:
     """Anonymous -blockdev devices get keys by bus type and order, after the explicit ones."""
     imgs = [image(qemu, tmp_path / f"{n}.img", fmt, size) for n, fmt, size in (
         ("v0", "raw", 1 * MiB), ("v1", "qcow2", 2 * MiB), ("s0", "raw", 3 * MiB),
@@ -86,7 +88,8 @@ async def test_blockdev_style_by_bus_and_order(qemu: QemuBinaries, tmp_path: Pat
     assert disks["scsi1"].format == "qcow2" and disks["scsi1"].format_node == "n3"
 
 
-async def test_filter_above_format_node(qemu: QemuBinaries, tmp_path: Path, qemu_vm: Callable[..., RunningQemu]) -> None:
+async def test_filter_above_format_node(
+        qemu: QemuBinaries, tmp_path: Path, qemu_vm: Callable[..., RunningQemu]) -> None:
     """A throttle filter on top (as Proxmox 9 sets up -blockdev disks): format node below it."""
     img = image(qemu, tmp_path / "t.qcow2", "qcow2", 7 * MiB)
     vm = qemu_vm(
@@ -111,7 +114,8 @@ class NoBlockGraph:
     def __init__(self, qmp: QmpSession) -> None:
         self.qmp = qmp
 
-    async def execute(self, command: str, args: Mapping[str, object] | None = None, timeout: float | None = None) -> Any:
+    async def execute(
+            self, command: str, args: Mapping[str, object] | None = None, timeout: float | None = None) -> Any:
         if command == "x-debug-query-block-graph":
             raise QmpCommandError(command, args, "CommandNotFound", "not here", "200")
         return await self.qmp.execute(command, args, timeout)

@@ -44,7 +44,8 @@ def test_parse_full_definition(isolated_config: Path) -> None:
     assert [d.key for d in g.drives] == ["ide2", "sata0", "scsi0", "virtio1"]
     assert [d.key for d in g.disks] == ["sata0", "scsi0", "virtio1"]
     scsi0 = g.drive("scsi0")
-    assert scsi0 is not None and (scsi0.format, scsi0.backup, scsi0.line, scsi0.bus, scsi0.index) == ("qcow2", True, 7, "scsi", 0)
+    assert scsi0 is not None
+    assert (scsi0.format, scsi0.backup, scsi0.line, scsi0.bus, scsi0.index) == ("qcow2", True, 7, "scsi", 0)
     assert scsi0.option("size") == "32G"
     virtio1 = g.drive("virtio1")
     assert virtio1 is not None and not virtio1.backup and virtio1.format == "raw" and virtio1.option("cache") == "none"
@@ -123,6 +124,7 @@ def test_definition_from_running_vm() -> None:
     assert not g2.agent.enabled
 
 
-@pytest.mark.parametrize(("size", "text"), [(0, "0"), (512, "512"), (4096, "4K"), (3 << 20, "3M"), (1536 << 20, "1536M"), (2 << 40, "2T")])
+@pytest.mark.parametrize(("size", "text"), [(0, "0"), (512, "512"), (4096, "4K"), (3 << 20, "3M"),
+                                           (1536 << 20, "1536M"), (2 << 40, "2T")])
 def test_format_size(size: int, text: str) -> None:
     assert format_size(size) == text

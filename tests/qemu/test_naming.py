@@ -19,7 +19,15 @@ KEYS = st.one_of(
     st.sampled_from(["efidisk0", "tpmstate0"]),
 )
 ROLES = st.sampled_from(
-    [naming.ROLE_CBW, naming.ROLE_FLEECE, naming.ROLE_FLEECE_FILE, naming.ROLE_SNAPSHOT, naming.ROLE_SNAPSHOT_TRIM, naming.ROLE_TARGET, "abcdefghijk"]
+    [
+        naming.ROLE_CBW,
+        naming.ROLE_FLEECE,
+        naming.ROLE_FLEECE_FILE,
+        naming.ROLE_SNAPSHOT,
+        naming.ROLE_SNAPSHOT_TRIM,
+        naming.ROLE_TARGET,
+        "abcdefghijk",
+    ]
 )
 
 
@@ -47,7 +55,8 @@ def test_examples() -> None:
 
 @pytest.mark.parametrize(
     ("vmid", "key", "role"),
-    [(-1, "scsi0", "cbw"), (100, "disk0", "cbw"), (100, "scsi0", "Cbw"), (100, "scsi0", "a-b"), (100, "scsi0", "abcdefghijkl")],
+    [(-1, "scsi0", "cbw"), (100, "disk0", "cbw"), (100, "scsi0", "Cbw"), (100, "scsi0", "a-b"),
+     (100, "scsi0", "abcdefghijkl")],
 )
 def test_bad_parts_rejected(vmid: int, key: str, role: str) -> None:
     with pytest.raises(ValueError):

@@ -66,7 +66,12 @@ def assert_nothing_left(target: Path, config_dir: Path) -> None:
 
 @pytest.mark.parametrize(("name", "damage", "message"), CASES, ids=[c[0] for c in CASES])
 def test_damaged_uncompressed(
-    good: bytes, tmp_path: Path, isolated_config: Path, name: str, damage: Callable[[bytearray], bytearray], message: str
+    good: bytes,
+    tmp_path: Path,
+    isolated_config: Path,
+    name: str,
+    damage: Callable[[bytearray], bytearray],
+    message: str,
 ) -> None:
     archive = tmp_path / "bad.vma"
     archive.write_bytes(bytes(damage(bytearray(good))))

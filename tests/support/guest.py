@@ -14,7 +14,8 @@ Use from a conftest.py::
 
 ``guest_image`` (session) builds or finds the image and skips with the reason
 when it cannot; ``guest_factory`` (function scope) and ``module_guest_factory``
-start guests and kill every one of them on teardown. ``check_writer_image`` verifies a copy of the data disk (a backup) on the host. A started TestGuest has
+start guests and kill every one of them on teardown. ``check_writer_image`` verifies a
+copy of the data disk (a backup) on the host. A started TestGuest has
 ``qmp_path``, ``qga_path``, ``disks`` (Proxmox-style keys, node names), the
 console log (writer progress) and ``agent()`` for a fresh GuestAgentClient.
 QGA serves one client at a time: close your client before another connects.
@@ -250,7 +251,7 @@ class TestGuest:
                 "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
         if "scsi" in buses:
             argv += ["-device", "virtio-scsi-pci,id=scsihw0"]
-        for disk, bus in zip(self.disks, buses):
+        for disk, bus in zip(self.disks, buses, strict=True):
             argv += self._disk_args(disk, bus)
         if o.paused:
             argv.append("-S")

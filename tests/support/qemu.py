@@ -166,7 +166,10 @@ def _drive_args(drives: Sequence[DriveSpec]) -> list[str]:
         elif d.path is not None:
             backend = d.node_name or f"tnode{n}"
             ro = {"read-only": True} if d.read_only else {}
-            args += ["-blockdev", json.dumps({"driver": "file", "filename": str(d.path), "node-name": f"{backend}-file", **ro})]
+            args += [
+                "-blockdev",
+                json.dumps({"driver": "file", "filename": str(d.path), "node-name": f"{backend}-file", **ro}),
+            ]
             args += ["-blockdev", json.dumps({"driver": d.fmt, "file": f"{backend}-file", "node-name": backend, **ro})]
         dev_opts = (f",drive={backend}" if backend else "") + (f",id={d.dev_id}" if d.dev_id else "")
         if d.bus == "virtio":

@@ -128,7 +128,9 @@ def test_qcow2_input(tmp_path: Path) -> None:
     assert (tmp_path / "x" / "disk-drive-virtio0.raw").read_bytes() == expected.read_bytes()
 
 
-@pytest.mark.parametrize(("method", "magic"), [("zstd", b"\x28\xb5\x2f\xfd"), ("gzip", b"\x1f\x8b"), ("lzo", b"\x89LZO")])
+@pytest.mark.parametrize(
+    ("method", "magic"), [("zstd", b"\x28\xb5\x2f\xfd"), ("gzip", b"\x1f\x8b"), ("lzo", b"\x89LZO")]
+)
 def test_compressed_archives(tmp_path: Path, inputs: dict[str, Path], method: str, magic: bytes) -> None:
     archive = create(tmp_path, inputs, f"c.vma.{method}", "--compress", method)
     assert archive.read_bytes().startswith(magic)
@@ -248,7 +250,8 @@ def test_undecodable_names_round_trip_as_bytes(tmp_path: Path) -> None:
     archive = _hostile(tmp_path, [(b"conf\xff", b"data")], [("dr\udcffive", 512)])
     proc = qmpbackup("list", archive)
     assert proc.returncode == 0
-    assert proc.stdout.splitlines()[:2] == [b"CFG: size: 4 name: conf\xff", b"DEV: dev_id=1 size: 512 devname: dr\xffive"]
+    assert proc.stdout.splitlines()[:2] == [b"CFG: size: 4 name: conf\xff",
+                                            b"DEV: dev_id=1 size: 512 devname: dr\xffive"]
     proc = qmpbackup("extract", archive, tmp_path / "x")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(os.fsencode(tmp_path / "x"))) == [b"conf\xff", b"disk-dr\xffive.raw"]
