@@ -146,7 +146,8 @@ def _storage_from(section: Section) -> Storage:
                 if bwlimit[category] < 0:
                     raise ValueError(text)
         except (PropertyStringError, ValueError) as exc:
-            raise section.error("bwlimit", f"bwlimit: {exc} (expected e.g. restore=10240,default=51200, KiB/s)") from None
+            expected = "expected e.g. restore=10240,default=51200, KiB/s"
+            raise section.error("bwlimit", f"bwlimit: {exc} ({expected})") from None
     return Storage(
         type=stype,
         storeid=section.id,

@@ -56,8 +56,8 @@ def test_storage_restore_limit_and_the_command_line_wins(tmp_path: Path, isolate
 def test_default_category_applies_without_restore(tmp_path: Path, isolated_config: Path) -> None:
     from qmpbackup.jobs.storage_cfg import parse_storage_cfg, restore_bwlimit_kib
 
-    storages = parse_storage_cfg("dir: a\n\tpath /a\n\tbwlimit default=300\n\ndir: b\n\tpath /b\n\tbwlimit restore=500\n",
-                                 "storage.cfg")
+    text = "dir: a\n\tpath /a\n\tbwlimit default=300\n\ndir: b\n\tpath /b\n\tbwlimit restore=500\n"
+    storages = parse_storage_cfg(text, "storage.cfg")
     assert restore_bwlimit_kib([storages["a"], storages["b"]]) == 300
     assert restore_bwlimit_kib([storages["b"]]) == 500
     assert restore_bwlimit_kib([]) == 0
