@@ -11,6 +11,8 @@ from qmpbackup.cli.common import Context
 from qmpbackup.restore.checksums import DeviceHasher
 from qmpbackup.restore.malloc_tuning import keep_large_buffers
 from qmpbackup.restore.source import open_archive_stream
+from qmpbackup.vma.cluster_map import TooManyRuns
+from qmpbackup.vma.errors import VmaError, VmaFormatError
 from qmpbackup.vma.reader import VmaReader
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,19 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         with open_archive_stream(args.archive) as stream:
             reader = VmaReader(stream)
             if args.checksums:
-                hashers = {d.dev_id: DeviceHasher(d) for d in reader.header.devices if not d.is_vmstate}
+                hashers = {d.dev_id: DeviceHasher(d, budget=reader.run_budget)
+                           for d in reader.header.devices if not d.is_vmstate}
             clusters = 0
             for cluster in reader.clusters(check_missing=True):
                 clusters += 1
                 hasher = hashers.get(cluster.dev_id)
                 if hasher is not None:
-                    hasher.add(cluster.cluster_num, cluster.data)
+                    try:
+                        hasher.add(cluster.cluster_num, cluster.data, cluster.mask)
+                    except TooManyRuns as exc:
+                        raise VmaFormatError(f"{exc} held back for the checksums", reader.offset) from None
+                    except OSError as exc:
+                        raise VmaError(f"cannot hold clusters for the checksums: {exc.strerror or exc}") from exc
             archive_bytes = reader.offset
         lines = [f"{h.hexdigest()}  {h.device.name}\n" for h in hashers.values()]
     finally:

@@ -95,12 +95,8 @@ def _check_names(reader: VmaReader, devices: Sequence[DeviceInfo]) -> None:
         if name in names:
             raise VmaError(f"refusing duplicate config file name {name!r}")
         names.add(name)
-    disk_names: set[str] = set()
-    for dev in reader.header.devices:
+    for dev in reader.header.devices:  # the reader refused empty and repeated device names
         check_file_name("device", dev.name)
-        if dev.name in disk_names:
-            raise VmaError(f"refusing duplicate device name {dev.name!r}")
-        disk_names.add(dev.name)
     for dev in devices:
         for temp in (True, False):
             if disk_file_name(dev.name, temp=temp) in names:

@@ -61,6 +61,7 @@ BLOCKINFO_SLOTS_OFFSET: Final = 40
 MAX_WRITER_HEADER_SIZE: Final = 524288  # the C writer's header buffer; we never write more
 MAX_READER_HEADER_SIZE: Final = 1048576  # larger headers are rejected (memory bound)
 MAX_CLUSTERS: Final = 1 << 32  # cluster_num is a u32 (F5)
+MAX_DEVICE_SIZE: Final = MAX_CLUSTERS * CLUSTER_SIZE  # 256 TiB: larger devices can never be complete
 
 assert HEADER_PREFIX.size == 60
 assert EXTENT_HEADER.size == EXTENT_HEADER_SIZE

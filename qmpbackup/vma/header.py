@@ -147,6 +147,19 @@ def _string(blobs: dict[int, bytes], ptr: int) -> bytes | None:
     return blob[:-1]
 
 
+def _check_device(dev_id: int, name: bytes, size: int, names: set[bytes], entry: int) -> None:
+    """R1.11-R1.13 (ours): every command sees the same devices, each one addressable and named once."""
+    if size > fmt.MAX_DEVICE_SIZE:
+        raise VmaFormatError(
+            f"device {dev_id} size {size} is larger than the {fmt.MAX_DEVICE_SIZE} bytes a VMA archive can address",
+            entry + 8,
+        )
+    if not name:
+        raise VmaFormatError(f"device {dev_id} has an empty name", entry)
+    if name in names:
+        raise VmaFormatError(f"duplicate device name {display_name(decode_name(name))}", entry)
+
+
 def decode_header(buf: bytes) -> VmaHeader:
     """Check and decode a complete header (R1.5-R1.10); ``buf`` is header_size bytes."""
     (_magic, version, uuid_bytes, ctime, md5, blob_offset, blob_size, header_size) = (
@@ -177,13 +190,17 @@ def decode_header(buf: bytes) -> VmaHeader:
         configs.append((decode_name(name), data))
 
     devices: list[DeviceInfo] = []
+    dev_names: set[bytes] = set()
     for dev_id in range(1, fmt.DEVICE_SLOTS):
-        name_ptr, _reserved, size = fmt.DEV_INFO.unpack_from(buf, fmt.DEV_INFO_OFFSET + fmt.DEV_INFO.size * dev_id)
+        entry = fmt.DEV_INFO_OFFSET + fmt.DEV_INFO.size * dev_id
+        name_ptr, _reserved, size = fmt.DEV_INFO.unpack_from(buf, entry)
         if size == 0:
             continue
         name = _string(blobs, name_ptr) if name_ptr else None
         if name is None:
             continue  # the Proxmox reader ignores such a slot silently (R1.10)
+        _check_device(dev_id, name, size, dev_names, entry)
+        dev_names.add(name)
         devices.append(DeviceInfo(dev_id, decode_name(name), size))
 
     return VmaHeader(

@@ -3,7 +3,8 @@
 It reads the header, then one extent at a time, checking every rule the
 Proxmox reader checks and in the same order, so the first broken rule is the
 one reported. Memory is bounded by one extent (at most 944 payload blocks)
-plus a seen-cluster bitmap that grows only with the clusters actually present.
+plus the runs of seen clusters (:mod:`qmpbackup.vma.cluster_map`), whose
+number has a fixed cap whatever the header claims.
 Anything wrong in the archive raises :class:`VmaFormatError` naming the byte
 offset and the rule.
 """
@@ -19,7 +20,7 @@ from typing import NamedTuple, Protocol, TypeAlias
 from uuid import UUID
 
 from qmpbackup.vma import format as fmt
-from qmpbackup.vma.cluster_map import ClusterMap
+from qmpbackup.vma.cluster_map import ClusterMap, RunBudget, TooManyRuns
 from qmpbackup.vma.errors import VmaError, VmaFormatError
 from qmpbackup.vma.header import DeviceInfo, VmaHeader, check_fixed_part, decode_header, display_name
 
@@ -112,7 +113,8 @@ class VmaReader:
         self.header: VmaHeader = decode_header(fixed + rest)
         self.configs: dict[str, bytes] = dict(self.header.configs)
         self.devices: dict[int, DeviceInfo] = {dev.dev_id: dev for dev in self.header.devices}
-        self._seen = {dev_id: ClusterMap(dev.clusters) for dev_id, dev in self.devices.items()}
+        self.run_budget = RunBudget()  # shared with any map that follows this archive (verify --checksums)
+        self._seen = {dev_id: ClusterMap(dev.clusters, budget=self.run_budget) for dev_id, dev in self.devices.items()}
         self._vmstate_next = {dev_id: 0 for dev_id, dev in self.devices.items() if dev.is_vmstate}
         self.extent_count = 0
         self.end_offset: int | None = None
@@ -246,7 +248,12 @@ class VmaReader:
             dev = self.devices.get(dev_id)
             if dev is None:
                 raise VmaFormatError(f"got wrong dev id {dev_id}", slot_offset)
-            if not self._seen[dev_id].add(cluster):
+            try:
+                added = self._seen[dev_id].add(cluster)
+            except TooManyRuns as exc:
+                raise VmaFormatError(f"{exc} (cluster {cluster} for stream {display_name(dev.name)})",
+                                     slot_offset) from None
+            if not added:
                 raise VmaFormatError(
                     f"found duplicated cluster {cluster} for stream {display_name(dev.name)}", slot_offset
                 )
