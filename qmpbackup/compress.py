@@ -314,6 +314,17 @@ class Compressor(_CloseOrAbort):
         """Put a complete compressed frame next in the stream (only where ``takes_frames``)."""
         raise StateError(f"{self.compression.value} compressor", "not framed", "framed")
 
+    def frame_table(self) -> list[tuple[int, int]] | None:
+        """(compressed, plain) offset of every frame written, then both ends; None when not framed.
+
+        Everything written so far is compressed and written out first.
+        """
+        return None
+
+    def write_raw(self, data: bytes | memoryview) -> None:
+        """Append bytes after the compressed stream as they are (framed zstd only: a skippable frame)."""
+        raise StateError(f"{self.compression.value} compressor", "not framed", "framed")
+
     def close(self) -> None:
         """Finish the compressed stream; raises CompressError if the compressor failed. Idempotent."""
         if not self._open:
@@ -394,6 +405,12 @@ class _ZstdCompressor(Compressor):
 
     def write_frame(self, frame: bytes | memoryview) -> None:
         self._writer.write_frame(frame)
+
+    def frame_table(self) -> list[tuple[int, int]] | None:
+        return self._writer.frame_table() if self._writer.all_sized else None
+
+    def write_raw(self, data: bytes | memoryview) -> None:
+        self._writer.write_raw(data)
 
     def _finish(self) -> None:
         try:

@@ -71,12 +71,17 @@ class FramedZstdWriter:
         self._dest = dest
         self._level = level
         self._pending = bytearray()
-        self._out: collections.deque[concurrent.futures.Future[bytes] | bytes] = collections.deque()
+        self._out: collections.deque[tuple[concurrent.futures.Future[bytes] | bytes, int]] = collections.deque()
         self._limit = 2 * threads + 1
         self._local = threading.local()
         self._pool = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="zstd")
                       if threads > 0 else None)
         self.frames = 0
+        self.table: list[tuple[int, int]] = []
+        """(compressed offset, plain offset) of each frame written, for the archive index."""
+        self.compressed_bytes = 0
+        self.plain_bytes = 0
+        self.all_sized = True  # every frame's plain size is known (false once a foreign frame lacks it)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._pending += data
@@ -89,16 +94,37 @@ class FramedZstdWriter:
             return
         plain, self._pending = self._pending, bytearray()
         if self._pool is None:
-            self._out.append(self._compress(plain))
+            self._out.append((self._compress(plain), len(plain)))
         else:
-            self._out.append(self._pool.submit(self._compress, plain))
+            self._out.append((self._pool.submit(self._compress, plain), len(plain)))
         self._drain(self._limit)
 
     def write_frame(self, frame: bytes | memoryview) -> None:
         """Put a complete frame (from another archive) next in the stream."""
         self.end_frame()
-        self._out.append(bytes(frame))
+        data = bytes(frame)
+        try:
+            plain = zstandard.get_frame_parameters(data).content_size
+        except zstandard.ZstdError:
+            plain = -1
+        if plain < 0 or plain > MAX_FRAME:
+            self.all_sized = False
+            plain = max(plain, 0)
+        self._out.append((data, plain))
         self._drain(self._limit)
+
+    def write_raw(self, data: bytes | memoryview) -> None:
+        """After every frame: bytes that are no zstd frame of the stream (the index's skippable frame)."""
+        self.end_frame()
+        self._drain(0)
+        self._dest.write(data)
+        self.compressed_bytes += len(data)
+
+    def frame_table(self) -> list[tuple[int, int]]:
+        """Every frame written so far (all are drained first), then the ends of both streams."""
+        self.end_frame()
+        self._drain(0)
+        return [*self.table, (self.compressed_bytes, self.plain_bytes)]
 
     def close(self) -> None:
         """Compress the rest and write everything out."""
@@ -110,7 +136,7 @@ class FramedZstdWriter:
 
     def abort(self) -> None:
         """Drop what is queued; the caller throws the destination away."""
-        for item in self._out:
+        for item, _plain in self._out:
             if isinstance(item, concurrent.futures.Future):
                 item.cancel()
         self._out.clear()
@@ -134,7 +160,7 @@ class FramedZstdWriter:
         """Write finished frames in order; wait for the oldest while more than ``keep`` are queued."""
         out = self._out
         while out:
-            head = out[0]
+            head, plain = out[0]
             if isinstance(head, concurrent.futures.Future):
                 if not head.done() and len(out) <= keep:
                     return
@@ -143,6 +169,9 @@ class FramedZstdWriter:
                 data = head
             out.popleft()
             self._dest.write(data)
+            self.table.append((self.compressed_bytes, self.plain_bytes))
+            self.compressed_bytes += len(data)
+            self.plain_bytes += plain
             self.frames += 1
 
 
@@ -153,6 +182,9 @@ class Frame:
     plain_start: int
     plain_end: int
     compressed: bytes | None
+    raw_start: int = 0  # where the frame lies in the compressed file
+    raw_end: int = 0
+    streamed: bool = False  # too large (or of unknown size) to be decompressed whole
 
 
 class FrameTrackingSource:
@@ -184,6 +216,7 @@ class FrameTrackingSource:
         self._stream_parts: list[bytes] | None = None
         self._stream_size = 0
         self._stream_start = 0
+        self._stream_raw_start = 0
         self._checksum = False
 
     def read(self, n: int = -1, /) -> bytes:
@@ -302,7 +335,8 @@ class FrameTrackingSource:
         except zstandard.ZstdError as exc:
             raise FrameError(f"damaged zstd frame before byte {self._raw_offset}: {exc}") from exc
         self._frames.append(Frame(self._plain, self._plain + len(plain),
-                                  frame if len(frame) <= self._keep_limit else None))
+                                  frame if len(frame) <= self._keep_limit else None,
+                                  self._raw_offset - len(frame), self._raw_offset))
         self._plain += len(plain)
         self._buf, self._pos = plain, 0
 
@@ -310,6 +344,7 @@ class FrameTrackingSource:
         self._stream_parts = [head]
         self._stream_size = len(head)
         self._stream_start = self._plain
+        self._stream_raw_start = self._raw_offset - len(head)
         self._checksum = checksum
         self._dobj = self._dctx.decompressobj()
         self._feed(head)
@@ -334,7 +369,8 @@ class FrameTrackingSource:
                 raise FrameError(f"zstd frame ending at byte {self._raw_offset} did not finish")
             parts = self._stream_parts
             self._frames.append(Frame(self._stream_start, self._plain,
-                                      None if parts is None else b"".join(parts)))
+                                      None if parts is None else b"".join(parts),
+                                      self._stream_raw_start, self._raw_offset, streamed=True))
             self._stream_parts = None
             self._dobj = None
 

@@ -21,9 +21,11 @@ from typing import BinaryIO
 
 from qmpbackup.backup.assembler import ClusterAssembler
 from qmpbackup.compress import Compression, CompressOptions, open_compressor
+from qmpbackup.errors import QmpBackupError
 from qmpbackup.nbd.export import Export, ExportConsumer
 from qmpbackup.nbd.server import NbdServer
 from qmpbackup.vma import VmaWriter
+from qmpbackup.vma.index import embed_index, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class ArchiveDataPath:
             consumer: ExportConsumer = assembler if wrap is None else wrap(dev, assembler)
             exports.append(Export(dev.export, dev.size, consumer))
         self.server = NbdServer(socket, exports, name=f"nbd-{name}")
+        self._index_embedded = False
 
     @property
     def uuid(self) -> str:
@@ -90,7 +93,25 @@ class ArchiveDataPath:
         for assembler in self.assemblers.values():
             assembler.finish()
         self.writer.close()
+        assert self.writer.index is not None
+        self._index_embedded = embed_index(self.writer.index, self._compressor, self.writer.bytes_written)
         self._compressor.close()
+
+    def publish_index(self, archive: Path | None) -> None:
+        """After the archive got its final name: its sidecar index unless it carries one (framed zstd).
+
+        A sidecar that cannot be written costs only the index, so it is a warning, not a failure.
+        """
+        index = self.writer.index
+        if index is None:
+            return
+        try:
+            if not self._index_embedded and archive is not None:
+                write_sidecar(index, archive, self.writer.bytes_written)
+        except (OSError, QmpBackupError) as exc:
+            log.warning("could not write the index of %s: %s", archive, exc)
+        finally:
+            index.close()
 
     async def abort(self) -> None:
         """Stop serving and kill the compressor; the caller removes the file."""
@@ -98,3 +119,5 @@ class ArchiveDataPath:
             await self.server.close()
         finally:
             self._compressor.abort()
+            if self.writer.index is not None:
+                self.writer.index.close()

@@ -446,6 +446,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
                 await datapath.abort()
                 raise
             elapsed = time.monotonic() - started
+        datapath.publish_index(archive if req.stdout is None else None)
         stats = datapath.stats()
         result.bytes_read, result.zero_bytes = stats.received, stats.zero
         result.written_bytes = stats.written

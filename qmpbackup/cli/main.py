@@ -42,6 +42,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "restore_cmd",
     "verify_cmd",
     "cleanup_cmd",
+    "index_cmd",
 )
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -153,3 +153,12 @@ def protected_name(archive: Path) -> Path: ...
 def protected_name(archive: str | Path) -> str | Path:
     """``<archive>.protected``: an empty file whose presence protects the backup."""
     return _sibling(archive, _basename(archive) + ".protected")
+
+
+@overload
+def index_name(archive: str) -> str: ...
+@overload
+def index_name(archive: Path) -> Path: ...
+def index_name(archive: str | Path) -> str | Path:
+    """``<archive>.index``: the sidecar index of an archive that cannot carry one inside (docs/format.md I)."""
+    return _sibling(archive, _basename(archive) + ".index")

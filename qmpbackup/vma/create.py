@@ -29,6 +29,7 @@ from qmpbackup.qemu_img import convert_timeout, failure_detail, run_qemu_img
 from qmpbackup.store.names import temp_name
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.errors import VmaError
+from qmpbackup.vma.index import embed_index, write_sidecar
 from qmpbackup.vma.progress import CreateProgress
 from qmpbackup.vma.writer import ByteSink, VmaWriter
 
@@ -290,13 +291,22 @@ def create_archive_file(
     options = CompressOptions(zstd_threads=zstd_threads)
     if archive == "-":
         with open_compressor(sys.stdout.buffer, compression, options) as compressor:
-            return create_archive(compressor, configs, disks, progress)
+            writer = create_archive(compressor, configs, disks, progress)
+            assert writer.index is not None
+            with writer.index:
+                embed_index(writer.index, compressor, writer.bytes_written)
+            return writer
     final = Path(archive)
     if final.exists() or final.is_symlink():
         raise UsageError(f"archive {archive} already exists")
     try:
         with atomic_output(final, temp_path(final)) as dest, open_compressor(dest, compression, options) as compressor:
             writer = create_archive(compressor, configs, disks, progress)
+            assert writer.index is not None
+            embedded = embed_index(writer.index, compressor, writer.bytes_written)
+        with writer.index:
+            if not embedded:
+                write_sidecar(writer.index, final, writer.bytes_written)
     except OutputExistsError as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:

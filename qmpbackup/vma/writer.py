@@ -18,6 +18,7 @@ import hashlib
 import logging
 import time
 import uuid as uuid_module
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from qmpbackup.vma import format as fmt
 from qmpbackup.vma.cluster_map import ClusterMap
 from qmpbackup.vma.errors import VmaError
 from qmpbackup.vma.header import encode_header, encode_name
+from qmpbackup.vma.index import IndexBuilder, slot_digests
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class ByteSink(Protocol):
     """Where archive bytes go. ``write`` must take all of ``data`` before returning and keep no
     reference to it: the writer reuses its extent buffer (files, pipes and compressors do this)."""
 
-    def write(self, data: bytes | memoryview, /) -> object: ...
+    def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +52,14 @@ class ReusedPart:
 
     ``slots`` are (dev_id in this archive, cluster_num, mask); ``payload`` their stored
     blocks in slot order; ``frame`` the same payload as one compressed zstd frame of
-    the other archive, when it was one.
+    the other archive, when it was one; ``digests`` the clusters' digests (one per slot)
+    when they are known already (checked against the other archive's index).
     """
 
     slots: tuple[tuple[int, int, int], ...]
     payload: bytes | memoryview
     frame: bytes | None = None
+    digests: tuple[bytes, ...] | None = None
 
 
 class WriterState(enum.Enum):
@@ -112,6 +116,8 @@ class VmaWriter:
         self.bytes_written = 0
         self.extents_written = 0
         self.frames_reused = 0
+        self.index: IndexBuilder | None = None
+        """The archive's index (docs/format.md I), built as extents go out; the owner writes and closes it."""
 
     def __repr__(self) -> str:
         return f"<VmaWriter {self._uuid} {self._state.value}>"
@@ -181,10 +187,11 @@ class VmaWriter:
             [(encode_name(dev.name), dev.size) for dev in self._devices],
         )
         self._state = WriterState.WRITING
+        self.index = IndexBuilder(self._uuid, [(dev.dev_id, dev.name, dev.size) for dev in self._devices])
         self._emit(header)
         self._cut()
 
-    def _emit(self, data: bytes | memoryview) -> None:
+    def _emit(self, data: bytes | bytearray | memoryview) -> None:
         try:
             self._sink.write(data)
         except BaseException:
@@ -254,6 +261,8 @@ class VmaWriter:
         if not slots:
             return
         block_count = sum(len(part.payload) for part in parts) // fmt.BLOCK_SIZE
+        assert self.index is not None
+        self.index.add_extent(self.bytes_written, block_count, _part_digests(parts))
         header = bytearray(fmt.EXTENT_HEADER_SIZE)
         fmt.EXTENT_HEADER.pack_into(header, 0, fmt.EXTENT_MAGIC, 0, block_count, self._uuid.bytes, bytes(16),
                                     *slots, *[0] * (fmt.EXTENT_SLOTS - len(slots)))
@@ -332,6 +341,9 @@ class VmaWriter:
             buf, 0, fmt.EXTENT_MAGIC, 0, block_count, self._uuid.bytes, bytes(16), *slots
         )
         buf[fmt.EXTENT_MD5] = hashlib.md5(self._view[: fmt.EXTENT_HEADER_SIZE]).digest()
+        assert self.index is not None
+        self.index.add_extent(self.bytes_written, block_count,
+                              slot_digests(self._slots, self._view[fmt.EXTENT_HEADER_SIZE : self._pos]))
         if self._end_frame is None:
             self._emit(self._view[: self._pos])
         else:
@@ -369,3 +381,13 @@ class VmaWriter:
         log.debug("VMA archive %s closed: %d bytes, %d extents", self._uuid, self.bytes_written, self.extents_written)
 
 
+
+
+def _part_digests(parts: list[ReusedPart]) -> Iterator[tuple[int, int, int, bytes]]:
+    """Index entries of reused clusters: their known digests, or hashed from their stored blocks."""
+    for part in parts:
+        if part.digests is not None:
+            for (dev_id, cluster, mask), value in zip(part.slots, part.digests, strict=True):
+                yield dev_id, cluster, mask, value
+        else:
+            yield from slot_digests((fmt.blockinfo(m, d, c) for d, c, m in part.slots), part.payload)

@@ -1,0 +1,235 @@
+"""Read any byte range of an archived device, through the archive's index (docs/format.md I).
+
+This is what ``export``, ``mount`` and later live and file restore build on. An
+uncompressed ``.vma`` is read with ``pread`` at the offsets the index records; a
+``.vma.zst`` that qmpbackup wrote (independent frames, each at most 16 clusters of
+one extent) costs at most one frame decompression per cluster, and a small LRU
+cache keeps recently decompressed frames. Every cluster read is checked against its
+digest, so a damaged archive gives an error, never wrong data. gzip and lzo streams,
+and zstd written as one long frame, cannot be read at random: opening them says so
+and names ``qmpbackup vma recompress``.
+
+Thread safety: ``read`` and ``allocation`` may be called from several threads; the
+file is read with ``pread`` only, each thread has its own zstd decompressor, and the
+frame cache is behind a lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import zstandard
+
+from qmpbackup.compress import GZIP_MAGIC, LZOP_MAGIC, ZSTD_MAGIC
+from qmpbackup.errors import QmpBackupError
+from qmpbackup.vma import format as fmt
+from qmpbackup.vma.index import (
+    ZERO_CLUSTER,
+    ArchiveIndex,
+    DataChecksumError,
+    IndexDevice,
+)
+
+#: Decompressed frames kept (each at most ~1 MiB for our archives).
+FRAME_CACHE = 16
+
+
+class RandomAccessError(QmpBackupError):
+    """The archive cannot be read at random (no usable index, or a stream that cannot seek)."""
+
+
+class ArchiveDevices:
+    """The devices of one archive, readable at any offset. Use :meth:`open`, as a context manager."""
+
+    def __init__(self, path: Path, index: ArchiveIndex, fd: int, zstd: bool) -> None:
+        self.path = path
+        self._index = index
+        self._fd = fd
+        self._zstd = zstd
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._frames: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self.devices: list[DeviceReader] = [DeviceReader(self, dev) for dev in index.devices]
+
+    @classmethod
+    def open(cls, path: Path) -> ArchiveDevices:
+        """Open ``path`` for random reads; RandomAccessError (one line, naming the fix) if it cannot be."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(LZOP_MAGIC))
+        except OSError as exc:
+            raise RandomAccessError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
+        if head.startswith((GZIP_MAGIC, LZOP_MAGIC)):
+            raise RandomAccessError(f"{path.name} is a gzip/lzo stream, which cannot be read at random "
+                                    f"(run: qmpbackup vma recompress {path})")
+        zstd = head.startswith(ZSTD_MAGIC)
+        try:
+            index = ArchiveIndex.open(path)
+        except QmpBackupError as exc:
+            raise RandomAccessError(str(exc)) from exc
+        try:
+            if zstd and not index.framed:
+                raise RandomAccessError(f"{path.name} is one long zstd stream, which cannot be read at random "
+                                        f"(run: qmpbackup vma recompress {path})")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            index.close()
+            raise RandomAccessError(f"cannot open archive {path}: {exc.strerror or exc}") from exc
+        except BaseException:
+            index.close()
+            raise
+        size = os.fstat(fd).st_size
+        if not zstd and size < index.plain_size:
+            os.close(fd)
+            index.close()
+            raise RandomAccessError(f"{path.name} is truncated ({size} of {index.plain_size} bytes)")
+        return cls(path, index, fd, zstd)
+
+    def device(self, name: str) -> DeviceReader | None:
+        return next((d for d in self.devices if d.name == name), None)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._index.close()
+            self._frames.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- reading the plain stream ----------------------------------------------------------
+
+    def plain(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the uncompressed VMA stream at ``offset``."""
+        if not self._zstd:
+            data = os.pread(self._fd, length, offset)
+            if len(data) < length:
+                raise RandomAccessError(f"{self.path.name} ends before byte {offset + length}")
+            return data
+        pieces = []
+        while length:
+            n = self._index.frame_at(offset)
+            start = self._index.frame(n)[1]
+            frame = self._frame(n)
+            piece = frame[offset - start:offset - start + length]
+            if not piece:
+                raise RandomAccessError(f"{self.path.name}: frame {n} shorter than its index says")
+            pieces.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _frame(self, n: int) -> bytes:
+        with self._lock:
+            cached = self._frames.get(n)
+            if cached is not None:
+                self._frames.move_to_end(n)
+                return cached
+        (c_start, p_start), (c_end, p_end) = self._index.frame(n), self._index.frame(n + 1)
+        raw = os.pread(self._fd, c_end - c_start, c_start)
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        try:
+            data = dctx.decompress(raw, max_output_size=p_end - p_start)
+        except zstandard.ZstdError as exc:
+            raise RandomAccessError(f"{self.path.name}: damaged zstd frame at byte {c_start}: {exc}") from exc
+        if len(data) != p_end - p_start:
+            raise RandomAccessError(f"{self.path.name}: zstd frame at byte {c_start} holds {len(data)} bytes, "
+                                    f"the index says {p_end - p_start}")
+        with self._lock:
+            self._frames[n] = data
+            while len(self._frames) > FRAME_CACHE:
+                self._frames.popitem(last=False)
+        return data
+
+    def cluster(self, dev: IndexDevice, cluster: int) -> bytes | None:
+        """A cluster's 65536 bytes checked against its digest; None when it is all zero (mask 0)."""
+        record = self._index.record(dev, cluster)
+        if record.mask == 0:
+            return None
+        stored = self.plain(record.data_offset, record.mask.bit_count() * fmt.BLOCK_SIZE)
+        if record.mask == fmt.FULL_MASK:
+            data = stored
+        else:
+            buf = bytearray(fmt.CLUSTER_SIZE)
+            at = 0
+            for start, end in fmt.stored_runs(record.mask):
+                buf[start:end] = stored[at:at + end - start]
+                at += end - start
+            data = bytes(buf)
+        if self._index.digest_of(data) != record.digest:
+            raise DataChecksumError(dev.name, cluster, record.data_offset)
+        return data
+
+
+class DeviceReader:
+    """One device of an archive: ``read`` any range, ``allocation`` says which blocks read as zeros."""
+
+    def __init__(self, archive: ArchiveDevices, dev: IndexDevice) -> None:
+        self._archive = archive
+        self._dev = dev
+        self.name: str = dev.name
+        self.size: int = dev.size
+
+    def __repr__(self) -> str:
+        return f"<DeviceReader {self.name} {self.size}>"
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RandomAccessError(f"{self.name}: range {offset}+{length} outside the device ({self.size} bytes)")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; holes and omitted blocks read as zeros. Raises
+        DataChecksumError (naming device and cluster) when the archive's data is damaged."""
+        self._check_range(offset, length)
+        out = bytearray(length)
+        pos = offset
+        end = offset + length
+        while pos < end:
+            cluster, within = divmod(pos, fmt.CLUSTER_SIZE)
+            take = min(fmt.CLUSTER_SIZE - within, end - pos)
+            data = self._archive.cluster(self._dev, cluster)
+            if data is not None:
+                out[pos - offset:pos - offset + take] = data[within:within + take]
+            pos += take
+        return bytes(out)
+
+    def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Runs ``(offset, length, zero)`` covering the range at 4 KiB granularity; ``zero``: reads as zeros.
+
+        Answered from the index alone (no data is read).
+        """
+        self._check_range(offset, length)
+        runs: list[tuple[int, int, bool]] = []
+        pos = offset
+        end = offset + length
+        while pos < end:
+            cluster, within = divmod(pos, fmt.CLUSTER_SIZE)
+            mask = self._archive._index.record(self._dev, cluster).mask
+            cluster_start = cluster * fmt.CLUSTER_SIZE
+            block = within // fmt.BLOCK_SIZE
+            while block < fmt.BLOCKS_PER_CLUSTER and pos < end:
+                zero = not mask >> block & 1
+                stop = min(cluster_start + (block + 1) * fmt.BLOCK_SIZE, end)
+                if runs and runs[-1][2] == zero and runs[-1][0] + runs[-1][1] == pos:
+                    last = runs[-1]
+                    runs[-1] = (last[0], last[1] + stop - pos, zero)
+                else:
+                    runs.append((pos, stop - pos, zero))
+                pos = stop
+                block += 1
+        return runs
+
+
+__all__ = ["ZERO_CLUSTER", "ArchiveDevices", "DeviceReader", "RandomAccessError"]
