@@ -118,19 +118,21 @@ class Line:
         self.sock.close()
 
 
-def with_retries(path: str, act_for: float, attempt_s: float,
-                 step: Callable[[Line, float], str | None]) -> str | None:
+def act(path: str, label: str, act_for: float, attempt_s: float, step: Callable[[Line, float], str | None],
+        *, socket_kind: str, failed: str) -> bool:
     """``step(connection, deadline)`` on fresh connections until it returns None (done) or time is up.
 
-    Returns None, or the last reason it did not work. Raises Gone when nobody listens.
+    True when done, or when nobody listens on ``path`` (its QEMU is gone, and with it what
+    we would undo); else ``failed`` is reported with the last reason and False returned.
     """
     deadline = time.monotonic() + act_for
     last = "no attempt"
     while time.monotonic() < deadline:
         try:
             conn = Line(path, min(deadline, time.monotonic() + attempt_s))
-        except Gone:
-            raise
+        except Gone as exc:
+            say(label, f"{socket_kind} socket has no QEMU behind it ({exc}); nothing to do", syslog.LOG_INFO)
+            return True
         except OSError as exc:
             last = str(exc)
             time.sleep(RETRY_PAUSE_S)
@@ -138,14 +140,15 @@ def with_retries(path: str, act_for: float, attempt_s: float,
         try:
             failure = step(conn, deadline)
             if failure is None:
-                return None
+                return True
             last = failure
         except (OSError, ValueError) as exc:  # TimeoutError is an OSError
             last = str(exc) or type(exc).__name__
         finally:
             conn.close()
         time.sleep(RETRY_PAUSE_S)
-    return last
+    say(label, f"{failed} (tried for {act_for:g} s through {path}: {last})", syslog.LOG_ERR)
+    return False
 
 
 def agent_call(conn: Line, command: str) -> Any:
@@ -176,16 +179,9 @@ def thaw(path: str, label: str, act_for: float) -> bool:
         say(label, f"the qmpbackup run died during the freeze; thawed {thawed} guest filesystems")
         return None
 
-    try:
-        last = with_retries(path, act_for, ATTEMPT_S, step)
-    except Gone as exc:
-        say(label, f"guest agent socket has no QEMU behind it ({exc}); nothing to thaw", syslog.LOG_INFO)
-        return True
-    if last is not None:
-        say(label, f"the qmpbackup run died during the freeze and the guest agent at {path} could not "
-            f"thaw the guest within {act_for:g} s ({last}): run guest-fsfreeze-thaw by hand "
-            "or 'qmpbackup cleanup'", syslog.LOG_ERR)
-    return last is None
+    return act(path, label, act_for, ATTEMPT_S, step, socket_kind="guest agent",
+               failed="the qmpbackup run died during the freeze and the guest could not be thawed: "
+                      "run guest-fsfreeze-thaw by hand or 'qmpbackup cleanup'")
 
 
 def qmp_call(conn: Line, command: str, number: int) -> Any:
@@ -212,16 +208,10 @@ def resume(path: str, label: str, act_for: float) -> bool:
         say(label, "the qmpbackup run died while the VM was paused for the backup; resumed it")
         return None
 
-    try:  # QMP greets once QEMU accepts us: one attempt may wait for the whole time
-        last = with_retries(path, act_for, act_for, step)
-    except Gone as exc:
-        say(label, f"QMP socket has no QEMU behind it ({exc}); nothing to resume", syslog.LOG_INFO)
-        return True
-    if last is not None:
-        say(label, f"the qmpbackup run died while the VM was paused and QMP at {path} could not "
-            f"resume it within {act_for:g} s ({last}): send 'cont' by hand or run 'qmpbackup cleanup'",
-            syslog.LOG_ERR)
-    return last is None
+    # QMP greets once QEMU accepts us: one attempt may wait for the whole time
+    return act(path, label, act_for, act_for, step, socket_kind="QMP",
+               failed="the qmpbackup run died while the VM was paused and it could not be resumed: "
+                      "send 'cont' by hand or run 'qmpbackup cleanup'")
 
 
 def wait_for_done(armed_for: float) -> bool:
