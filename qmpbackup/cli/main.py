@@ -43,6 +43,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "verify_cmd",
     "cleanup_cmd",
     "index_cmd",
+    "vm_cmd",
 )
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

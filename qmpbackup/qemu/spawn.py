@@ -28,6 +28,7 @@ from pathlib import Path
 
 from qmpbackup.guest_config import DriveConfig, GuestDefinition
 from qmpbackup.qemu.errors import SpawnError
+from qmpbackup.qemu.vm_command import disk_args
 from qmpbackup.qemu.process_records import (
     ProcessRecord,
     default_state_dir,
@@ -55,21 +56,6 @@ def kvm_usable() -> bool:
     return True
 
 
-def _escape(value: str) -> str:
-    """QEMU's option syntax doubles commas inside a value."""
-    return value.replace(",", ",,")
-
-
-def _drive_path(defn: GuestDefinition, drive: DriveConfig) -> str:
-    where = str(defn.path) if defn.path else f"guest {defn.vmid}"
-    if drive.volume is None or not drive.volume.startswith("/"):
-        raise SpawnError(
-            f"{where}:{drive.line}: {drive.key}: a stopped VM needs an absolute image path, not {drive.volume!r}",
-            str(defn.vmid),
-        )
-    return drive.volume
-
-
 def build_command(
     defn: GuestDefinition, binary: str, rundir: Path, accel: str, drives: Sequence[DriveConfig]
 ) -> list[str]:
@@ -78,39 +64,9 @@ def build_command(
         binary, "-S", "-nodefaults", "-no-user-config", "-display", "none",
         "-machine", "q35", "-accel", accel, "-m", "64",
         "-name", f"qmpbackup-{defn.vmid}",
-        "-qmp", f"unix:{_escape(str(rundir / 'qmp.sock'))},server=on,wait=off",
+        "-qmp", f"unix:{str(rundir / 'qmp.sock').replace(',', ',,')},server=on,wait=off",
     ]  # fmt: skip
-    controllers: set[str] = set()
-    for d in sorted(drives, key=lambda d: d.key):
-        drive_opts = [
-            f"file={_escape(_drive_path(defn, d))}",
-            f"format={d.format}",
-            "if=none",
-            f"id=drive-{d.key}",
-        ]
-        for opt in ("cache", "aio", "discard", "detect_zeroes"):
-            value = d.option(opt)
-            if value:
-                drive_opts.append(f"{opt.replace('_', '-')}={_escape(value)}")
-        if d.read_only:
-            drive_opts.append("readonly=on")
-        argv += ["-drive", ",".join(drive_opts)]
-        dev = f"drive=drive-{d.key},id={d.key}"
-        if d.bus == "virtio":
-            argv += ["-device", f"virtio-blk-pci,{dev}"]
-        elif d.bus == "scsi":
-            if "scsi" not in controllers:
-                argv += ["-device", "virtio-scsi-pci,id=scsihw0"]
-                controllers.add("scsi")
-            argv += ["-device", f"scsi-hd,bus=scsihw0.0,scsi-id={d.index},lun=0,{dev}"]
-        elif d.bus == "sata":
-            if "sata" not in controllers:
-                argv += ["-device", "ahci,id=ahci0"]
-                controllers.add("sata")
-            argv += ["-device", f"ide-hd,bus=ahci0.{d.index},{dev}"]
-        elif d.bus == "ide":  # q35's own AHCI ports, as Proxmox lays out IDE on q35
-            argv += ["-device", f"ide-hd,bus=ide.{d.index},{dev}"]
-    return argv
+    return argv + disk_args(defn, drives)
 
 
 class SpawnState(enum.Enum):

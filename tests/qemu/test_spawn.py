@@ -104,7 +104,7 @@ async def test_bad_image_is_reported(qemu: QemuBinaries, tmp_path: Path) -> None
 async def test_relative_volume_is_refused(qemu: QemuBinaries, tmp_path: Path) -> None:
     conf = tmp_path / "303.conf"
     spawned = SpawnedQemu(parse_guest("name: x\nscsi0: local:vm-303-disk-0\n", 303, conf), state_dir=tmp_path / "s")
-    with pytest.raises(SpawnError, match=rf"{conf}:2: scsi0: a stopped VM needs an absolute image path"):
+    with pytest.raises(SpawnError, match=rf"{conf}:2: scsi0: QEMU needs an absolute image path"):
         await spawned.start()
 
 
