@@ -41,7 +41,8 @@ def test_command_line_from_a_definition(tmp_path: Path) -> None:
     assert "file=/img/root.qcow2,format=qcow2,if=none,id=drive-scsi0" in text
     assert "-device virtio-blk-pci,drive=drive-virtio1,id=virtio1" in text
     assert "ide-cd,bus=ide.2,drive=drive-ide2,id=ide2" in text
-    assert "-netdev bridge,id=net0,br=vmbr0 -device virtio-net-pci,netdev=net0,id=net0,mac=BC:24:11:00:00:01,bootindex=101" in text
+    assert ("-netdev bridge,id=net0,br=vmbr0 -device virtio-net-pci,netdev=net0,id=net0,mac=BC:24:11:00:00:01,"
+            "bootindex=101") in text
     assert "-netdev user,id=net1 -device e1000,netdev=net1,id=net1,mac=BC:24:11:00:00:02" in text
     assert f"path={tmp_path / 'qga.sock'}" in text
     assert argv[-2:] == ["-rtc", "base=utc"]
