@@ -1,4 +1,5 @@
-"""Human-readable sizes and durations, spelled exactly as vzdump's log lines spell them.
+"""Human-readable sizes and durations, spelled exactly as vzdump's log lines spell them, and names
+from outside made safe to print.
 
 Keeping the spelling identical lets people (and their log scrapers) read our
 logs the way they read vzdump's.
@@ -7,6 +8,35 @@ logs the way they read vzdump's.
 from __future__ import annotations
 
 _BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def display_name(name: str, *, keep_bytes: bool = False) -> str:
+    """A name from outside (an archive, a config file) fit for one line of output or of a log.
+
+    Control and other unprintable characters become backslash escapes (``\\n``, ``\\x1b``,
+    ``\\u2028``), so a name can neither start a line of its own nor move the cursor. Bytes that are
+    not UTF-8 (decoded with surrogateescape) become ``\\xNN`` too, unless ``keep_bytes``: ``vma
+    list`` prints names back as the archive's bytes, as Proxmox's tool does.
+    """
+    if name.isprintable():
+        return name
+    out = []
+    for char in name:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
+            out.append(char if keep_bytes else f"\\x{code - 0xDC00:02x}")
+        elif char.isprintable():
+            out.append(char)
+        elif char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
 
 
 def render_bytes(size: float, precision: int = 1) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from qmpbackup.render import (
+    display_name,
     render_archive_size,
     render_bytes,
     render_duration,
@@ -38,3 +39,13 @@ def test_decimal_sizes() -> None:
     assert render_archive_size(int(1.21 * 2**30)) == "1.21GB"
     assert render_archive_size(5000) == "4KB"
     assert render_archive_size(3 * 2**40) == "3.00TB"
+
+
+def test_display_name_keeps_a_name_on_one_line() -> None:
+    assert display_name("drive-scsi0") == "drive-scsi0"
+    assert display_name("a\nINFO: forged\r\tb") == "a\\nINFO: forged\\r\\tb"
+    assert display_name("esc\x1b[2Jx\x7f\x85") == "esc\\x1b[2Jx\\x7f\\x85"
+    assert display_name("line\u2028sep\U000e0001") == "line\\u2028sep\\U000e0001"
+    assert display_name("dr\udcffive") == "dr\\xffive"  # an undecodable byte, surrogate-escaped
+    assert display_name("dr\udcffive\n", keep_bytes=True) == "dr\udcffive\\n"
+    assert display_name("back\\slash ünïcode") == "back\\slash ünïcode"

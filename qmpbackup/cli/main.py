@@ -27,6 +27,7 @@ from qmpbackup.cli.common import (
     with_help_hint,
 )
 from qmpbackup.errors import EXIT_FAILED, EXIT_SIGNAL_BASE, QmpBackupError, UsageError
+from qmpbackup.render import display_name
 
 log = logging.getLogger("qmpbackup")
 
@@ -58,13 +59,21 @@ class SignalExit(BaseException):
 
 
 class _LevelFormatter(logging.Formatter):
-    """vzdump's prefixes: ``INFO:``, ``WARN:``, ``ERROR:``."""
+    """vzdump's prefixes: ``INFO:``, ``WARN:``, ``ERROR:``; one record is one line.
+
+    Names from archives and configs are escaped where they are put into messages; escaping the
+    whole message again here (a no-op for printable text) keeps any we missed from forging a line.
+    """
 
     NAMES = {logging.WARNING: "WARN", logging.CRITICAL: "ERROR"}
 
     def format(self, record: logging.LogRecord) -> str:
         record.levelprefix = self.NAMES.get(record.levelno, record.levelname)
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = display_name(record.message)
+        return super().formatMessage(record)
 
 
 def build_parser() -> ArgumentParser:

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from qmpbackup.cli.common import Context
+from qmpbackup.render import display_name
 from qmpbackup.restore.checksums import DeviceHasher
 from qmpbackup.restore.malloc_tuning import keep_large_buffers
 from qmpbackup.restore.source import open_archive_stream
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                     except OSError as exc:
                         raise VmaError(f"cannot hold clusters for the checksums: {exc.strerror or exc}") from exc
             archive_bytes = reader.offset
-        lines = [f"{h.hexdigest()}  {h.device.name}\n" for h in hashers.values()]
+        lines = [f"{h.hexdigest()}  {display_name(h.device.name)}\n" for h in hashers.values()]
     finally:
         for hasher in hashers.values():
             hasher.close()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from qmpbackup.render import display_name
 from qmpbackup.restore.errors import DeviceMapError
 from qmpbackup.vma.header import DeviceInfo
 
@@ -73,7 +74,7 @@ def map_devices(config_text: str, devices: Iterable[DeviceInfo]) -> list[MappedD
         if entry.virtdev in seen_virtdev:
             raise DeviceMapError(f"drive '{entry.virtdev}' is mapped twice in qemu-server.conf")
         if entry.devname in by_devname:
-            raise DeviceMapError(f"device '{entry.devname}' is mapped twice in qemu-server.conf")
+            raise DeviceMapError(f"device '{display_name(entry.devname)}' is mapped twice in qemu-server.conf")
         if entry.devname not in by_name:
             raise DeviceMapError(f"archive does not contain data for drive '{entry.virtdev}'")
         seen_virtdev.add(entry.virtdev)
@@ -82,6 +83,6 @@ def map_devices(config_text: str, devices: Iterable[DeviceInfo]) -> list[MappedD
     for name, dev in by_name.items():
         line = by_devname.get(name)
         if line is None:
-            raise DeviceMapError(f"found no device mapping information for device '{name}'")
+            raise DeviceMapError(f"found no device mapping information for device '{display_name(name)}'")
         mapped.append(MappedDevice(dev, line.virtdev, line.storeid, line.format))
     return sorted(mapped, key=lambda m: m.device.dev_id)

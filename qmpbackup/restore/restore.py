@@ -29,6 +29,7 @@ from pathlib import Path
 from qmpbackup.errors import ConfigError, UsageError
 from qmpbackup.guest_config import GuestDefinition, check_vmid, guest_path, parse_guest
 from qmpbackup.jobs.storage_cfg import load_storage_cfg
+from qmpbackup.render import display_name
 from qmpbackup.restore.config_rewrite import Generators, rewrite_config
 from qmpbackup.restore.device_map import map_devices
 from qmpbackup.restore.errors import RestoreError, RestoreRefusedError
@@ -228,9 +229,9 @@ class _Plan:
 
 def _log_header(reader: VmaReader) -> None:
     for name, data in reader.header.configs:
-        log.info("CFG: size: %d name: %s", len(data), name)
+        log.info("CFG: size: %d name: %s", len(data), display_name(name))
     for dev in reader.header.devices:
-        log.info("DEV: dev_id=%d size: %d devname: %s", dev.dev_id, dev.size, dev.name)
+        log.info("DEV: dev_id=%d size: %d devname: %s", dev.dev_id, dev.size, display_name(dev.name))
         if dev.is_vmstate:
             log.warning("skipping the vmstate stream (dev_id %d): RAM state is not restored", dev.dev_id)
     log.info("CTIME: %s", format_ctime(reader.ctime))

@@ -27,11 +27,12 @@ from pathlib import Path
 
 from qmpbackup.errors import UsageError
 from qmpbackup.throttle import TokenBucket
+from qmpbackup.render import display_name
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.convert_target import FORMAT_RE, convert_into
 from qmpbackup.vma.create import image_virtual_size
 from qmpbackup.vma.errors import VmaError, VmaFormatError
-from qmpbackup.vma.header import DeviceInfo, display_name, encode_name
+from qmpbackup.vma.header import DeviceInfo, encode_name
 from qmpbackup.vma.progress import ExtractProgress
 from qmpbackup.vma.reader import VmaReader
 from qmpbackup.vma.restore_map import RestoreMapEntry, RestoreMapError
@@ -153,7 +154,8 @@ def _restore_clusters(reader: VmaReader, targets: Mapping[int, _Target], progres
         try:
             os.fsync(target.fd)
         except OSError as exc:
-            raise VmaError(f"vma blk_flush {reader.devices[dev_id].name} failed - {exc.strerror or exc}") from exc
+            name = display_name(reader.devices[dev_id].name)
+            raise VmaError(f"vma blk_flush {name} failed - {exc.strerror or exc}") from exc
     if progress is not None:
         progress.finish()
 
@@ -271,7 +273,7 @@ def _check_size(dev: DeviceInfo, size: int) -> None:
     """Storage may round sizes up: up to 4 MiB more is fine, less never (as Proxmox checks)."""
     if not 0 <= size - dev.size <= MAX_SIZE_SLACK:
         raise RestoreMapError(
-            f"vma_reader_register_bs for stream {dev.name} failed - unexpected size {size} != {dev.size}"
+            f"vma_reader_register_bs for stream {display_name(dev.name)} failed - unexpected size {size} != {dev.size}"
         )
 
 
@@ -334,7 +336,7 @@ def _check_mapping(
             raise RestoreMapError(f"read map failed - archive has no device '{name}'")
     for dev in selected:
         if dev.name not in mapping:
-            raise RestoreMapError(f"no device name mapping for {dev.name}")
+            raise RestoreMapError(f"no device name mapping for {display_name(dev.name)}")
     return [(dev, mapping[dev.name]) for dev in selected if not mapping[dev.name].skip]
 
 
@@ -388,8 +390,8 @@ def extract_mapped(
             else:
                 fds[dev.dev_id] = fd
                 targets[dev.dev_id] = _Target(fd, dev.size, entry.write_zeroes, bucket if bucket.rate > 0 else None)
-            log.debug("restoring %s to %s (%s, write zeroes: %s, %.0f B/s)", dev.name, entry.path, image_format,
-                      entry.write_zeroes, bucket.rate)
+            log.debug("restoring %s to %s (%s, write zeroes: %s, %.0f B/s)", display_name(dev.name), entry.path,
+                      image_format, entry.write_zeroes, bucket.rate)
         _warn_vmstate(reader)
         try:
             _restore_clusters(reader, targets, progress)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
+from qmpbackup.render import display_name
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.errors import VmaError, VmaFormatError
 
@@ -48,11 +49,6 @@ class VmaHeader:
 def decode_name(raw: bytes) -> str:
     """Names are bytes in the archive; surrogateescape keeps any byte sequence reversible."""
     return raw.decode("utf-8", errors="surrogateescape")
-
-
-def display_name(name: str) -> str:
-    """A name fit for messages: undecodable bytes shown as backslash escapes."""
-    return name.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
 
 
 def encode_name(name: str) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from qmpbackup.render import display_name
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.errors import VmaError
 from qmpbackup.vma.reader import VmaReader
@@ -22,12 +23,14 @@ def format_ctime(ctime: int) -> str:
 
 def list_lines(reader: VmaReader) -> list[str]:
     """The ``vma list`` lines: configs, devices, then the creation time."""
-    lines = [f"CFG: size: {len(data)} name: {name}" for name, data in reader.header.configs]
+    lines = [f"CFG: size: {len(data)} name: {display_name(name, keep_bytes=True)}"
+             for name, data in reader.header.configs]
     for dev in reader.header.devices:
         if dev.is_vmstate:
             lines.append(f"VMSTATE: dev_id={dev.dev_id} memory: {dev.size}")
         else:
-            lines.append(f"DEV: dev_id={dev.dev_id} size: {dev.size} devname: {dev.name}")
+            name = display_name(dev.name, keep_bytes=True)
+            lines.append(f"DEV: dev_id={dev.dev_id} size: {dev.size} devname: {name}")
     lines.append(f"CTIME: {format_ctime(reader.ctime)}")
     return lines
 
@@ -61,7 +64,7 @@ class VerifyResult:
             stored = st.stored_blocks * fmt.BLOCK_SIZE
             sparse = 100.0 * (1 - stored / st.size) if st.size else 0.0
             out.append(
-                f"VERIFY: dev_id={dev_id} devname: {st.name} clusters: {st.clusters} "
+                f"VERIFY: dev_id={dev_id} devname: {display_name(st.name, keep_bytes=True)} clusters: {st.clusters} "
                 f"zero clusters: {st.zero_clusters} stored: {stored} bytes ({sparse:.1f}% sparse)"
             )
         out.append(f"VERIFY: {self.extents} extents, {self.archive_bytes} archive bytes (uncompressed), OK")

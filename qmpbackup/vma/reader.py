@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeAlias
 from uuid import UUID
 
+from qmpbackup.render import display_name
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.cluster_map import ClusterMap, RunBudget, TooManyRuns
 from qmpbackup.vma.errors import VmaError, VmaFormatError
-from qmpbackup.vma.header import DeviceInfo, VmaHeader, check_fixed_part, decode_header, display_name
+from qmpbackup.vma.header import DeviceInfo, VmaHeader, check_fixed_part, decode_header
 
 log = logging.getLogger(__name__)
 

@@ -146,3 +146,41 @@ def test_restore_refuses_two_devices_of_one_name(tmp_path: Path) -> None:
     assert lines[-1] == "ERROR: duplicate device name drive-scsi0 (at byte 4160)"
     assert os.listdir(tmp_path / "images") == []
     assert not (tmp_path / "config" / "guests" / "100.conf").exists()
+
+
+FORGED = "INFO: restored VM 100: /etc/pve/qemu-server/100.conf"
+
+
+def _one_device(tmp_path: Path, name: str) -> Path:
+    archive = tmp_path / "forged.vma"
+    archive.write_bytes(raw_archive([(name, 512)], [RawExtent(slots=[fmt.blockinfo(0, 1, 0)])],
+                                    configs=[(b"qemu-server.conf", _config(0)), (f"x\n{FORGED}".encode(), b"")]))
+    return archive
+
+
+def test_restore_logs_archive_names_on_one_line(tmp_path: Path) -> None:
+    """Before: a standalone forged 'restored' line on a failed restore, and the error split over two lines."""
+    archive = _one_device(tmp_path, f"drive-scsi0\n{FORGED}")
+    (tmp_path / "images").mkdir()
+    code, lines, _peak = run(tmp_path, "restore", archive, "100", "--target-dir", tmp_path / "images")
+    assert code == 1
+    assert all(line.startswith(("INFO: ", "WARN: ", "ERROR: ")) for line in lines), lines
+    assert FORGED not in lines
+    assert f"INFO: DEV: dev_id=1 size: 512 devname: drive-scsi0\\n{FORGED}" in lines
+    assert f"INFO: CFG: size: 0 name: x\\n{FORGED}" in lines
+    assert lines[-1] == f"ERROR: found no device mapping information for device 'drive-scsi0\\n{FORGED}'"
+
+
+def test_checksum_and_list_lines_escape_archive_names(tmp_path: Path) -> None:
+    """Before: the forged line on verify --checksums' stdout."""
+    archive = _one_device(tmp_path, f"d\x1b[2J\n{FORGED}")
+    proc = subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "verify", "--checksums", str(archive)],
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    digest = "076a27c79e5ace2a3d47f9dd2e83e4ff6ea8872b3c2218f66c92b89b55f36560"  # sha256 of 512 zero bytes
+    assert proc.stdout.decode() == f"{digest}  d\\x1b[2J\\n{FORGED}\n"
+    proc = subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "vma", "list", str(archive)],
+                          capture_output=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().splitlines()[1:3] == [
+        f"CFG: size: 0 name: x\\n{FORGED}", f"DEV: dev_id=1 size: 512 devname: d\\x1b[2J\\n{FORGED}"]
