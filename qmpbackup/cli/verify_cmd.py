@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from qmpbackup.cli.common import Context
@@ -14,6 +15,7 @@ from qmpbackup.restore.malloc_tuning import keep_large_buffers
 from qmpbackup.restore.source import open_archive_stream
 from qmpbackup.vma.cluster_map import TooManyRuns
 from qmpbackup.vma.errors import VmaError, VmaFormatError
+from qmpbackup.vma.index import ArchiveIndex, ArchiveIndexError, IndexDevice, NoIndexError
 from qmpbackup.vma.reader import VmaReader
 
 log = logging.getLogger(__name__)
@@ -31,18 +33,48 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+def _open_index(archive: str) -> tuple[ArchiveIndex | None, str]:
+    """The archive's index, or None and why (a damaged index is reported at once and not used)."""
+    if archive == "-" or not Path(archive).is_file():
+        return None, "structure only: standard input has no index"
+    try:
+        return ArchiveIndex.open(Path(archive)), ""
+    except NoIndexError:
+        return None, f"structure only: no index, qmpbackup index {archive} makes one"
+    except ArchiveIndexError as exc:
+        log.warning("ignoring the index: %s", exc)
+        return None, "structure only: the index is damaged"
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
     keep_large_buffers()
     hashers: dict[int, DeviceHasher] = {}
+    index, why = _open_index(args.archive)
+    checked = 0
     try:
         with open_archive_stream(args.archive) as stream:
             reader = VmaReader(stream)
+            by_id: dict[int, IndexDevice] = {}
+            if index is not None:
+                for d in reader.header.devices:
+                    found = index.device(d.name)
+                    if found is not None and found.size == d.size:
+                        by_id[d.dev_id] = found
+                    elif not d.is_vmstate:
+                        log.warning("ignoring the index: it does not describe device %s", d.name)
+                        why = "structure only: the index does not fit the archive"
+                        by_id.clear()
+                        break
             if args.checksums:
                 hashers = {d.dev_id: DeviceHasher(d, budget=reader.run_budget)
                            for d in reader.header.devices if not d.is_vmstate}
             clusters = 0
-            for cluster in reader.clusters(check_missing=True):
+            for cluster in reader.cluster_views(check_missing=True):
                 clusters += 1
+                dev = by_id.get(cluster.dev_id)
+                if dev is not None and index is not None:
+                    index.check_cluster(dev, cluster.cluster_num, cluster.mask, cluster.data)
+                    checked += 1
                 hasher = hashers.get(cluster.dev_id)
                 if hasher is not None:
                     try:
@@ -56,10 +88,13 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     finally:
         for hasher in hashers.values():
             hasher.close()
+        if index is not None:
+            index.close()
     sys.stdout.write("".join(lines))
     sys.stdout.flush()
     log.info(
-        "archive OK: %d devices, %d extents, %d clusters, %d bytes uncompressed",
+        "archive OK: %d devices, %d extents, %d clusters, %d bytes uncompressed%s",
         len(reader.devices), reader.extent_count, clusters, archive_bytes,
+        f"; data of {checked} clusters matches the index" if checked else f" ({why or 'structure only'})",
     )
     return 0

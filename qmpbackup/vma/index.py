@@ -115,6 +115,10 @@ class ArchiveIndexError(VmaError):
     """An index that is missing, damaged, truncated or does not belong to its archive."""
 
 
+class NoIndexError(ArchiveIndexError):
+    """The archive has no index at all (not a damaged one)."""
+
+
 class DataChecksumError(VmaError):
     """A cluster's data does not match its digest in the index: the archive is damaged there."""
 
@@ -402,7 +406,7 @@ class ArchiveIndex:
         try:
             index = cls._find(archive)
         except ArchiveIndexError as exc:
-            raise ArchiveIndexError(f"{exc} (run: qmpbackup index {archive})") from exc
+            raise type(exc)(f"{exc} (run: qmpbackup index {archive})") from exc
         try:
             uuid = archive_uuid(archive)
         except QmpBackupError as exc:
@@ -435,7 +439,7 @@ class ArchiveIndex:
                     raise ArchiveIndexError(f"index {sidecar.name} truncated (0 bytes)")
                 buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         except FileNotFoundError:
-            raise embedded or ArchiveIndexError(f"{archive.name} has no index") from None
+            raise embedded or NoIndexError(f"{archive.name} has no index") from None
         except OSError as exc:
             raise ArchiveIndexError(f"cannot read index {sidecar}: {exc.strerror or exc}") from exc
         return cls._checked(buf, 0, length, sidecar.name)
@@ -455,7 +459,7 @@ class ArchiveIndex:
                     raise ArchiveIndexError(f"index in {name} damaged (no index frame {length} bytes before the end)")
                 buf = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
                 return cls._checked(buf, size - length, length, name)
-        raise ArchiveIndexError(f"{name} has no index")
+        raise NoIndexError(f"{name} has no index")
 
     @classmethod
     def _checked(cls, buf: mmap.mmap, start: int, length: int, source: str) -> ArchiveIndex:
@@ -481,6 +485,18 @@ class ArchiveIndex:
             raise ArchiveIndexError(f"index in {self.source} damaged: {dev.name} cluster {cluster} "
                                     f"points past the end of the archive")
         return Record(extent, data_offset, mask, bytes(value))
+
+    def check_cluster(self, dev: IndexDevice, cluster: int, mask: int,
+                      data: bytes | bytearray | memoryview | None) -> None:
+        """Raise DataChecksumError unless a cluster as read from the archive is the one the index recorded.
+
+        ``data`` is the whole cluster (omitted blocks zero), None for mask 0.
+        """
+        record = self.record(dev, cluster)
+        value = ZERO_DIGEST if data is None and self.algorithm == DIGEST_XXH3_128 else \
+            self.digest_of(ZERO_CLUSTER if data is None else data)
+        if value != record.digest or mask != record.mask:
+            raise DataChecksumError(dev.name, cluster, record.data_offset)
 
     def digest_of(self, data: bytes | bytearray | memoryview) -> bytes:
         """This index's digest of a full cluster (xxh3-128, or BLAKE2b-128 for an index that says so)."""

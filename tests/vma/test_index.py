@@ -250,3 +250,43 @@ def test_index_of_proxmox_made_archive(tmp_path: Path, disks: list[tuple[DiskSpe
     with ArchiveDevices.open(archive) as devices:
         for reader, (_spec, image) in zip(devices.devices, disks, strict=True):
             assert reader.read(0, len(image)) == image
+
+
+@pytest.mark.parametrize(("name", "compress"), [("a.vma", "none"), ("a.vma.zst", "zstd")])
+def test_verify_checks_data_against_the_index(tmp_path: Path, disks: list[tuple[DiskSpec, bytes]],
+                                              name: str, compress: str) -> None:
+    archive = _create(tmp_path, name, compress, disks)
+    proc = qmpbackup("verify", archive)
+    assert proc.returncode == 0, proc.stderr
+    assert "matches the index" in proc.stderr
+
+
+def test_verify_fails_on_64_overwritten_bytes(tmp_path: Path, disks: list[tuple[DiskSpec, bytes]]) -> None:
+    """The issue's reproduction: 64 bytes overwritten inside a cluster of an uncompressed archive."""
+    archive = _create(tmp_path, "a.vma", "none", disks)
+    with ArchiveIndex.open(archive) as index:
+        dev = index.devices[0]
+        cluster = next(c for c in range(dev.clusters) if index.record(dev, c).mask == 0xFFFF)
+        offset = index.record(dev, cluster).data_offset
+    with open(archive, "r+b") as f:
+        f.seek(offset + 1000)
+        f.write(b"\x00" * 64)
+    proc = qmpbackup("verify", archive)
+    assert proc.returncode == 1
+    assert f"ERROR: data checksum mismatch in drive-scsi0 cluster {cluster} (byte offset {offset})" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_verify_without_or_with_damaged_index_checks_structure_only(
+        tmp_path: Path, disks: list[tuple[DiskSpec, bytes]]) -> None:
+    archive = _create(tmp_path, "a.vma", "none", disks)
+    sidecar = sidecar_path(archive)
+    data = sidecar.read_bytes()
+    sidecar.write_bytes(data[: len(data) // 2])
+    proc = qmpbackup("verify", archive)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARN: ignoring the index" in proc.stderr and "truncated" in proc.stderr
+    assert "(structure only: the index is damaged)" in proc.stderr
+    sidecar.unlink()
+    proc = qmpbackup("verify", archive)
+    assert proc.returncode == 0 and "(structure only: no index, qmpbackup index" in proc.stderr
