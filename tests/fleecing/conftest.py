@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +17,15 @@ from qmpbackup.journal import Journal
 from qmpbackup.qemu.capabilities import Capabilities, probe
 from qmpbackup.qemu.discovery import Disk, discover_disks
 from qmpbackup.qemu.session import QmpSession
-from tests.support.qemu import DriveSpec, QemuBinaries, RunningQemu
-from tests.support.qemu import pytest_runtest_makereport, qemu, qemu_vm  # noqa: F401
+from tests.support.loopfs import LoopFs, loopfs  # noqa: F401  (loop mounts, shared with tests/backup)
+from tests.support.qemu import (  # noqa: F401
+    DriveSpec,
+    QemuBinaries,
+    RunningQemu,
+    pytest_runtest_makereport,
+    qemu,
+    qemu_vm,
+)
 
 MiB = 1 << 20
 VMID = 100
@@ -89,60 +94,3 @@ def world(qemu: QemuBinaries, qemu_vm: Callable[..., RunningQemu], tmp_path: Pat
     return factory
 
 
-# --------------------------------------------------------------------------- loop mounts
-
-@dataclass
-class LoopFs:
-    fstype: str
-    image: Path
-    device: str
-    mountpoint: Path
-
-
-def _run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
-
-
-MKFS = {
-    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard"],
-    "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
-    "btrfs": ["mkfs.btrfs", "-q", "-f", "-K"],
-}
-MIN_SIZE = {"ext4": 4 * MiB, "xfs": 300 * MiB, "btrfs": 120 * MiB}
-
-
-@pytest.fixture
-def loopfs(tmp_path: Path) -> Iterator[Callable[[str, int], LoopFs]]:
-    """Factory: a loop-mounted filesystem of type ``fstype`` and ``size`` bytes (sparse image).
-    Skips where we are not root or mkfs is missing; always unmounts and detaches."""
-    made: list[LoopFs] = []
-
-    def make(fstype: str, size: int) -> LoopFs:
-        if os.geteuid() != 0:
-            pytest.skip("loop mounts need root")
-        tool = MKFS[fstype][0]
-        if shutil.which(tool) is None or shutil.which("losetup") is None:
-            pytest.skip(f"{tool} is not installed")
-        size = max(size, MIN_SIZE[fstype])
-        image = tmp_path / f"{fstype}-{len(made)}.img"
-        with open(image, "wb") as f:
-            f.truncate(size)
-        device = _run("losetup", "--find", "--show", str(image)).strip()
-        mnt = tmp_path / f"mnt-{fstype}-{len(made)}"
-        mnt.mkdir()
-        fs = LoopFs(fstype, image, device, mnt)
-        try:
-            _run(*MKFS[fstype], device)
-            _run("mount", device, str(mnt))
-        except subprocess.CalledProcessError as exc:
-            subprocess.run(["losetup", "-d", device], check=False)
-            pytest.skip(f"cannot make a {fstype} loop mount: {exc.stderr.strip()}")
-        made.append(fs)
-        return fs
-
-    try:
-        yield make
-    finally:
-        for fs in reversed(made):
-            subprocess.run(["umount", "-l", str(fs.mountpoint)], check=False, capture_output=True)
-            subprocess.run(["losetup", "-d", fs.device], check=False, capture_output=True)
