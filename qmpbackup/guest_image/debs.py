@@ -18,6 +18,8 @@ from pathlib import Path
 
 APT_LISTS = Path("/var/lib/apt/lists")
 Logger = Callable[[str], None]
+# packages that hold shared libraries (zlib1g is the one without the lib prefix)
+LIBRARY_PREFIXES = ("lib", "zlib1g")
 
 
 class BuildError(Exception):
@@ -106,14 +108,14 @@ def resolve(roots: Iterable[str], follow: Iterable[str], meta_kernel: str | None
     wanted = list(dict.fromkeys([*names]))
     follow_set = set(follow)
     frontier = [d for n in names if n in follow_set for d in depends(records[n])
-                if d.startswith("lib") and d not in chosen]
+                if d.startswith(LIBRARY_PREFIXES) and d not in chosen]
     while frontier:
         new = apt_records(sorted(set(frontier)))
         chosen.update(new)
         wanted += [n for n in new if n not in wanted]
-        frontier = sorted({d for n, r in new.items() if n.startswith("lib")
+        frontier = sorted({d for n, r in new.items() if n.startswith(LIBRARY_PREFIXES)
                            for d in depends(r) if d not in chosen
-                           and d.startswith(("lib", "gcc-"))})
+                           and d.startswith((*LIBRARY_PREFIXES, "gcc-"))})
     return [Package(n, chosen[n]["Version"], chosen[n].get("Architecture", "amd64")) for n in wanted]
 
 
