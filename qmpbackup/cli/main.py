@@ -45,6 +45,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cleanup_cmd",
     "index_cmd",
     "vm_cmd",
+    "file_restore_cmd",
 )
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

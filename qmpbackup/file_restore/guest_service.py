@@ -262,6 +262,8 @@ class Service:
         except FileNotFoundError:
             raise ServiceError(f"{path}: no such file or directory", "ENOENT") from None
         name = parts[-1] if len(parts) > 2 else parts[1].replace("/", "_")
+        if fmt == "auto":
+            fmt = "plain" if stat.S_ISREG(st.st_mode) else "tar"
         if fmt == "plain":
             if not stat.S_ISREG(st.st_mode):
                 raise ServiceError(f"{path}: not a regular file; use --format tar or zip", "EISDIR")
@@ -273,13 +275,13 @@ class Service:
         self.send(json_frame(HEAD, {"type": "dir" if stat.S_ISDIR(st.st_mode) else "file", "format": fmt}))
         sink = _DataSink(self.send)
         if fmt == "tar":
-            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 tar.add(fs_path, arcname=name, recursive=True)
         elif fmt == "zip":
-            with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as zf:  # type: ignore[arg-type]
+            with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as zf:  # type: ignore[arg-type, unused-ignore]
                 _zip_tree(zf, fs_path, name)
         else:
-            raise ServiceError(f"unknown format {fmt!r} (tar, zip, plain)")
+            raise ServiceError(f"unknown format {fmt!r} (tar, zip, plain, auto)")
         sink.flush()
 
 
