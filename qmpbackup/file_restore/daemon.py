@@ -198,11 +198,15 @@ async def run(cfg: DaemonConfig, source: DeviceSource) -> None:
 
 @contextlib.asynccontextmanager
 async def archive_source(archive: Path, socket: Path) -> AsyncIterator[list[tuple[str, int]]]:
-    """The archive's devices through our read-only NBD export."""
-    from qmpbackup.export.serve import serve_archive  # the export package (random access by index)
+    """The archive's devices through our read-only NBD export (random access by the index)."""
+    from qmpbackup.nbd import Export, NbdServer
+    from qmpbackup.vma.random_access import ArchiveDevices
 
-    async with serve_archive(archive, socket) as exports:
-        yield exports
+    with ArchiveDevices.open(archive) as archive_devices:
+        devices = archive_devices.devices
+        exports = [Export(d.name, d.size, source=d) for d in devices]
+        async with NbdServer(socket, exports, name="file-restore", keep_serving=True):
+            yield [(d.name, d.size) for d in devices]
 
 
 def main(argv: list[str] | None = None) -> int:
