@@ -71,7 +71,7 @@ def make_disk(path: Path, parts: list[Part], label: str = "gpt") -> None:
     table = json.loads(subprocess.run(["sfdisk", "--json", str(path)], check=True, capture_output=True).stdout)
     sector = int(table["partitiontable"].get("sectorsize", 512))
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (part, entry) in enumerate(zip(parts, table["partitiontable"]["partitions"])):
+        for i, (part, entry) in enumerate(zip(parts, table["partitiontable"]["partitions"], strict=True)):
             fs = Path(tmp) / f"p{i}"
             make_fs(fs, part)
             _run("dd", f"if={fs}", f"of={path}", "bs=1M", f"seek={entry['start'] * sector}",
