@@ -39,7 +39,8 @@ class HelperChannel:
                     raise ChannelError(f"the helper's channel {path} did not appear") from None
                 await asyncio.sleep(0.05)
 
-    async def request(self, req: dict[str, Any], first_timeout: float = 60.0) -> AsyncGenerator[tuple[bytes, bytes], None]:
+    async def request(self, req: dict[str, Any],
+                      first_timeout: float = 60.0) -> AsyncGenerator[tuple[bytes, bytes], None]:
         """Frames of the reply, the ``E`` frame last. The whole reply is always read, even when
         the caller stops early, so the next request starts at a frame boundary."""
         async with self._lock:
