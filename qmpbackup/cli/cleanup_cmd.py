@@ -16,7 +16,9 @@ from typing import Any
 from fleecing.cleanup import CleanupReport, cleanup_vm, journaled_vmids, kill_spawned_orphans
 from qmpbackup.cli.common import Context, add_output_format, print_json
 from qmpbackup.errors import ConfigError, QmpBackupError
+from qmpbackup.file_restore.client import stop_all
 from qmpbackup.guest_config import check_vmid, guest_path, load_guest
+from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 from qmpbackup.jobs.storage_cfg import load_storage_cfg
 
 DEFAULT_STATE_DIR = Path("/var/lib/qmpbackup")
@@ -34,6 +36,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help=f"where journals and spawn records live (default {DEFAULT_STATE_DIR})")
     p.add_argument("--qmp", type=Path, metavar="SOCKET",
                    help="the VM's QMP socket (default: from its guest definition); needs VMID")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",
+                   help=f"file-restore helpers left running there are ended too (default {DEFAULT_RUN_DIR})")
     add_output_format(p)
     p.set_defaults(run=run)
 
@@ -56,6 +60,8 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     for vmid in vmids:
         reports.append(await cleanup_vm(vmid, state_dir, _qmp_socket(ctx, vmid, args.qmp), storages))
     killed = kill_spawned_orphans(state_dir)
+    if args.vmid is None:
+        killed += [f"ended file-restore helper {name}" for name in stop_all(args.run_dir)]
     if getattr(args, "output_format", "text") == "json":
         print_json({"vms": [r.as_json() for r in reports], "killed": killed})
     else:
