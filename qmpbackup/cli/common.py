@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from qmpbackup.errors import UsageError
+from qmpbackup.errors import ConfigError, UsageError
 
 DEFAULT_CONFIG_DIR = Path("/etc/qmpbackup")
 CONFIG_DIR_ENV = "QMPBACKUP_CONFIG_DIR"
@@ -48,9 +48,9 @@ HELP_PROG = "_help_prog"
 
 
 def with_help_hint(exc: UsageError, args: argparse.Namespace | None) -> str:
-    """The error's line, pointing to the command's ``--help`` (not for errors in a config file)."""
+    """The error's line; a bad option value from the command line points to the command's ``--help``."""
     text = str(exc)
-    if getattr(exc, "path", None) is not None or "--help" in text:
+    if not isinstance(exc, ConfigError) or exc.path is not None or "--help" in text:
         return text
     prog = getattr(args, HELP_PROG, "qmpbackup") if args is not None else "qmpbackup"
     return f"{text} (see '{prog} --help')"

@@ -21,8 +21,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -300,6 +301,29 @@ def _write_and_publish(reader: VmaReader, stream: ArchiveStream, plan: _Plan, op
     return sum(image.written for image in images.values())
 
 
+def _remove_replaced_images(old: GuestDefinition, new: Sequence[ImagePlan], vmid: int) -> None:
+    """After ``--force``: the replaced VM's images the new definition no longer uses go, as qmrestore frees them.
+
+    Only files named as this VM's volumes (``vm-<vmid>-…``, any format) are removed;
+    other files the old definition named are the user's and are kept, with a line saying so.
+    """
+    kept = {os.path.realpath(p.final) for p in new}
+    owned = re.compile(rf"^(?:base|vm)-{vmid}-")
+    for drive in old.disks:
+        volume = drive.volume or ""
+        if not volume.startswith("/") or os.path.realpath(volume) in kept or not os.path.isfile(volume):
+            continue
+        if not owned.match(os.path.basename(volume)):
+            log.info("kept %s of the replaced VM: not named as a volume of VM %d", volume, vmid)
+            continue
+        try:
+            os.unlink(volume)
+        except OSError as exc:
+            log.warning("cannot remove %s of the replaced VM: %s", volume, exc.strerror)
+        else:
+            log.info("removed %s of the replaced VM", volume)
+
+
 def restore(opts: RestoreOptions) -> RestoreResult:
     """Restore ``opts.archive`` as VM ``opts.vmid``; see the module doc for the guarantees."""
     opts = replace(opts, vmid=check_vmid(opts.vmid))
@@ -321,6 +345,8 @@ def restore(opts: RestoreOptions) -> RestoreResult:
                 raise RestoreError(f"cannot remove a leftover work file: {exc}") from exc
             written = _write_and_publish(reader, stream, plan, opts, def_path)
             read = reader.offset
+        if existing is not None and existing.definition is not None:
+            _remove_replaced_images(existing.definition, plan.images, opts.vmid)
     total = sum(p.size for p in plan.images)
     sparse = total - written
     log.info("total bytes read %d, sparse bytes %d (%.3g%%)", read, sparse, 100.0 * sparse / total if total else 0)

@@ -257,3 +257,24 @@ def test_a_proxmox_config_restores(tmp_path: Path, isolated_config: Path) -> Non
     assert "BC:24:11:5E:7A:01" not in text and "5a3f0b64" not in text and "3f1d0e2c" not in text
     qemu_img_compare(efi.path, target / "vm-200-disk-0.raw", "raw")
     qemu_img_compare(root.path, target / "vm-200-disk-1.raw", "raw")
+
+
+def test_force_removes_the_replaced_vms_old_images_whatever_their_format(
+    archive: Path, tmp_path: Path, isolated_config: Path
+) -> None:
+    guests = isolated_config / "guests"
+    guests.mkdir()
+    target = tmp_path / "t"
+    target.mkdir()
+    old_qcow2 = target / "vm-200-disk-0.qcow2"  # same disk, other format: not overwritten by the new .raw
+    old_extra = target / "vm-200-disk-7.raw"  # a disk the archive does not have
+    users = tmp_path / "users-data.raw"  # not named as this VM's volume: the user's, kept
+    for path in (old_qcow2, old_extra, users):
+        path.write_bytes(b"old")
+    (guests / "200.conf").write_text(f"name: old\nscsi0: {old_qcow2},format=qcow2\nscsi7: {old_extra}\n"
+                                     f"virtio3: {users}\n")
+    proc = cli("restore", str(archive), VMID, "--target-dir", str(target), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not old_qcow2.exists() and not old_extra.exists()
+    assert users.exists() and f"kept {users} of the replaced VM" in proc.stderr
+    assert (target / "vm-200-disk-0.raw").exists()
