@@ -46,7 +46,7 @@ from qmpbackup.backup.datapath import ArchiveDataPath, DeviceSpec
 from qmpbackup.backup.guard import guarded
 from qmpbackup.backup.kill_points import hold
 from qmpbackup.backup.progress import Progress, closing_lines
-from qmpbackup.backup.synthetic import complete_from_previous
+from qmpbackup.backup.synthetic import PreviousArchiveError, complete_from_previous
 from qmpbackup.backup.tasklog import TaskLog
 from qmpbackup.compress import Compression, CompressOptions
 from qmpbackup.errors import QmpBackupError, UsageError
@@ -163,7 +163,12 @@ async def backup_guest(req: GuestRequest) -> GuestResult:
         tasklog.info(f"Starting Backup of VM {req.vmid} (qemu)")
         tasklog.info(f"Backup started at {when:%Y-%m-%d %H:%M:%S}")
         try:
-            await _backup(req, archive, compression, tasklog, result, hook)
+            try:
+                await _backup(req, archive, compression, tasklog, result, hook)
+            except PreviousArchiveError as exc:
+                # Nothing of the damaged archive may reach the new one: start over, reading everything.
+                tasklog.warn(str(exc))
+                await _backup(req, archive, compression, tasklog, result, hook, full_reason=str(exc))
             await hook("backup-end")
         except asyncio.CancelledError:
             tasklog.error(f"Backup of VM {req.vmid} failed - interrupted by signal")
@@ -325,7 +330,8 @@ async def _start_again(definition: GuestDefinition, tasklog: TaskLog, hook: Call
 
 
 async def _backup(req: GuestRequest, archive: Path, compression: Compression, tasklog: TaskLog,
-                  result: GuestResult, hook: Callable[[str], Awaitable[None]]) -> None:
+                  result: GuestResult, hook: Callable[[str], Awaitable[None]],
+                  full_reason: str | None = None) -> None:
     opts = req.options
     if not opts.remove and req.stdout is None:  # vzdump's retention pre-check, before anything else
         check_backup_limit(req.dump_dir, req.vmid, opts.effective_prune)
@@ -395,7 +401,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
                 plan = await incremental.plan_incremental(
                     session, req.vmid, jobs, dump_dir=req.dump_dir, enabled=opts.dirty_bitmap,
                     new_uuid=datapath.uuid, to_stdout=req.stdout is not None,
-                    persistent_ok=caps.has_persistent_bitmaps,
+                    persistent_ok=caps.has_persistent_bitmaps, full_reason=full_reason,
                     nodes={d.key: d.top_node for d in chosen} if fleece else None)
                 for line in plan.log_lines():
                     tasklog.info(line)

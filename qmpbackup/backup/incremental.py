@@ -48,6 +48,7 @@ from qmpbackup.render import render_bytes
 from qmpbackup.store.dumpdir import list_backups
 from qmpbackup.vma import VmaReader
 from qmpbackup.vma.archive_io import open_archive
+from qmpbackup.vma.index import ArchiveIndex, ArchiveIndexError, NoIndexError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,12 @@ def newest_archive(dump_dir: Path, vmid: int) -> tuple[PreviousArchive | None, s
             uuid = reader.uuid
     except QmpBackupError as exc:
         return None, f"previous archive {newest.name} damaged or unreadable: {exc}"
+    try:
+        ArchiveIndex.open(newest).close()
+    except NoIndexError:
+        return None, f"previous archive {newest.name} has no index, so its data cannot be checked"
+    except ArchiveIndexError as exc:
+        return None, f"previous archive's index not usable: {str(exc).partition(' (run:')[0]}"
     return PreviousArchive(newest, uuid, sizes), None
 
 
@@ -327,18 +334,28 @@ async def plan_incremental(
     to_stdout: bool,
     persistent_ok: bool,
     nodes: Mapping[str, str] | None = None,
+    full_reason: str | None = None,
 ) -> IncrementalPlan:
     """Decide per drive (module docstring); removes our bitmaps that can never serve again.
 
     The bitmaps live on each job's source node, or on ``nodes[key]`` when given (with
     fleecing the jobs read snapshot-access nodes, while the bitmaps belong on the disk).
     ``new_uuid`` None: the new bitmaps are named later, by :meth:`IncrementalPlan.set_new_uuid`.
+    ``full_reason``: read every drive in full for this reason, but still start the new bitmaps
+    (the run after a damaged previous archive).
     """
     if to_stdout:
         # The new archive will not be in the dump dir: leave the dump dir's chain as it is.
         return IncrementalPlan(vmid, None, [DriveDecision(j.key, j.source_node, j.size, None, False, None,
                                                           TO_STDOUT) for j in jobs], TO_STDOUT)
-    previous, vm_reason = (None, DISABLED) if not enabled else newest_archive(dump_dir, vmid)
+    previous: PreviousArchive | None
+    vm_reason: str | None
+    if not enabled:
+        previous, vm_reason = None, DISABLED
+    elif full_reason is not None:
+        previous, vm_reason = None, full_reason
+    else:
+        previous, vm_reason = newest_archive(dump_dir, vmid)
     states = await node_states(session)
     plan = IncrementalPlan(vmid, previous, [], vm_reason, _tracking=enabled)
     for job in jobs:

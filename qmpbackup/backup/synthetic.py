@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
 from qmpbackup.backup.archive_config import vma_device_name
 from qmpbackup.backup.assembler import ClusterAssembler
@@ -35,6 +36,7 @@ from qmpbackup.compress import ZSTD_MAGIC
 from qmpbackup.vma import Extent, VmaReader
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.archive_io import archive_head, open_archive, open_input
+from qmpbackup.vma.index import ArchiveIndex, ArchiveIndexError, IndexDevice, stored_digest
 from qmpbackup.vma.reader import ByteSource
 from qmpbackup.vma.writer import ReusedPart, VmaWriter
 from qmpbackup.zstd_frames import Frame, FrameTrackingSource
@@ -48,12 +50,23 @@ READ_STALL_S = 300.0
 
 
 class PreviousArchiveError(QmpBackupError):
-    """The previous archive could not be read back completely and correctly."""
+    """The previous archive could not be read back completely and correctly.
+
+    The run is then repeated reading every disk in full (:func:`qmpbackup.backup.guest_backup.backup_guest`).
+    """
 
     def __init__(self, path: str, detail: str) -> None:
         self.path = path
-        super().__init__(f"previous archive {path} is damaged or unreadable ({detail}); "
-                         f"the next backup will read the whole disk")
+        super().__init__(f"previous archive {path} is damaged or unreadable ({detail}): reading the whole disk")
+
+
+class PreviousClusterDamaged(PreviousArchiveError):
+    """A cluster of the previous archive does not match its digest in that archive's index."""
+
+    def __init__(self, path: str, device: str, cluster: int) -> None:
+        self.path = path
+        QmpBackupError.__init__(self, f"previous archive {path} damaged at {device} cluster {cluster}: "
+                                      f"reading the whole disk")
 
 
 async def fill_from_previous(previous: PreviousArchive, assemblers: Mapping[str, ClusterAssembler],
@@ -69,13 +82,23 @@ async def fill_from_previous(previous: PreviousArchive, assemblers: Mapping[str,
         return PreviousArchiveError(name, detail)
 
     try:
-        with _open_previous(str(previous.path)) as (source, take_frames):
+        index = ArchiveIndex.open(previous.path)
+    except ArchiveIndexError as exc:
+        raise fail(str(exc)) from exc
+    try:
+        with index, _open_previous(str(previous.path)) as (source, take_frames):
             reader = VmaReader(source)
             problem = _header_problem(previous, reader, assemblers)
             if problem is not None:
                 raise fail(problem)
-            by_id = {dev_id: (dev.name, assemblers[dev.name]) for dev_id, dev in reader.devices.items()
-                     if dev.name in assemblers}
+            by_id: dict[int, _Target] = {}
+            for dev_id, dev in reader.devices.items():
+                if dev.name in assemblers:
+                    found = index.device(dev.name)
+                    if found is None or found.size != dev.size:
+                        raise fail(f"its index does not describe {dev.name}")
+                    by_id[dev_id] = _Target(dev.name, assemblers[dev.name], found)
+            check = _DigestCheck(name, index)
             with _ExtentStream(reader, take_frames) as extents:
                 count = 0
                 while True:
@@ -85,7 +108,7 @@ async def fill_from_previous(previous: PreviousArchive, assemblers: Mapping[str,
                         raise fail(str(exc)) from exc
                     if item is None:
                         break
-                    _reuse(*item, by_id, writer, reused)
+                    _reuse(*item, by_id, writer, reused, check)
                     count += 1
                     if count % _EXTENTS_PER_YIELD == 0:
                         await asyncio.sleep(0)
@@ -191,20 +214,50 @@ class _NewArchiveError(QmpBackupError):
         super().__init__(str(inner))
 
 
-def _reuse(extent: Extent, frames: list[Frame], by_id: Mapping[int, tuple[str, ClusterAssembler]],
-           writer: VmaWriter, reused: dict[str, int]) -> None:
+class _Target(NamedTuple):
+    """A device of the previous archive that the new one takes clusters from."""
+
+    name: str
+    assembler: ClusterAssembler
+    indexed: IndexDevice
+
+
+class _DigestCheck:
+    """Every cluster taken from the previous archive must match that archive's index."""
+
+    def __init__(self, path: str, index: ArchiveIndex) -> None:
+        self._path = path
+        self._index = index
+
+    def __call__(self, target: _Target, cluster: int, mask: int, payload: memoryview, at: int) -> bytes:
+        """The cluster's digest; PreviousClusterDamaged when its stored blocks are not what was backed up."""
+        try:
+            record = self._index.record(target.indexed, cluster)
+        except ArchiveIndexError as exc:
+            raise PreviousArchiveError(self._path, str(exc)) from exc
+        value = stored_digest(payload, at, mask)
+        if value != record.digest or mask != record.mask:
+            raise PreviousClusterDamaged(self._path, target.name, cluster)
+        return value
+
+
+def _reuse(extent: Extent, frames: list[Frame], by_id: Mapping[int, _Target],
+           writer: VmaWriter, reused: dict[str, int], check: _DigestCheck) -> None:
     """Write ``extent`` again without the clusters QEMU sent (or that belong to no wanted drive).
 
     Its stored blocks are split where its frames end; a part whose clusters all stay
-    carries its frame along, the others only their kept blocks.
+    carries its frame along, the others only their kept blocks. Every cluster taken is
+    checked against the previous archive's index first.
     """
     data_start = extent.offset + fmt.EXTENT_HEADER_SIZE
     frame_at = {f.plain_start - data_start: f for f in frames if f.plain_start >= data_start}
     ends = {f.plain_end - data_start for f in frames}
     payload = memoryview(extent.payload)
     zero_slots: list[tuple[int, int, int]] = []
+    zero_digests: list[bytes] = []
     parts: list[ReusedPart] = []
     kept: list[tuple[int, int, int]] = []
+    kept_digests: list[bytes] = []
     kept_ranges: list[tuple[int, int]] = []
     whole = True
     group_start = pos = 0
@@ -214,39 +267,48 @@ def _reuse(extent: Extent, frames: list[Frame], by_id: Mapping[int, tuple[str, C
             if dev_id == 0:
                 continue
             target = by_id.get(dev_id)
-            taken = 0 if target is None else target[1].adopt_reused(cluster_num, mask)
+            taken = 0 if target is None else target.assembler.adopt_reused(cluster_num, mask)
             if taken:
-                devname, assembler = target  # type: ignore[misc]
-                reused[devname] += taken
+                assert target is not None
+                assembler = target.assembler
+                reused[target.name] += taken
+                value = check(target, cluster_num, mask, payload, pos)
             if mask == 0:
                 if taken:
                     zero_slots.append((assembler.dev_id, cluster_num, 0))
+                    zero_digests.append(value)
                 continue
             length = mask.bit_count() * fmt.BLOCK_SIZE
             if taken:
                 kept.append((assembler.dev_id, cluster_num, mask))
+                kept_digests.append(value)
                 kept_ranges.append((pos, pos + length))
             else:
                 whole = False
             pos += length
             if pos in ends or pos == len(payload):
                 if kept:
-                    parts.append(_part(payload, group_start, pos, kept, kept_ranges, whole, frame_at))
-                kept, kept_ranges, whole, group_start = [], [], True, pos
+                    parts.append(_part(payload, group_start, pos, kept, kept_ranges, whole, frame_at,
+                                       tuple(kept_digests)))
+                kept, kept_digests, kept_ranges, whole, group_start = [], [], [], True, pos
         if zero_slots:
-            parts.insert(0, ReusedPart(tuple(zero_slots), b""))
+            parts.insert(0, ReusedPart(tuple(zero_slots), b"", digests=tuple(zero_digests)))
         writer.write_reused_extent(parts)
+    except PreviousArchiveError:
+        raise
     except QmpBackupError as exc:
         raise _NewArchiveError(exc) from exc
 
 
 def _part(payload: memoryview, start: int, end: int, kept: list[tuple[int, int, int]],
-          ranges: list[tuple[int, int]], whole: bool, frame_at: Mapping[int, Frame]) -> ReusedPart:
+          ranges: list[tuple[int, int]], whole: bool, frame_at: Mapping[int, Frame],
+          digests: tuple[bytes, ...]) -> ReusedPart:
     if whole:
         frame = frame_at.get(start)
         copy = frame is not None and frame.compressed is not None and frame.plain_end - frame.plain_start == end - start
-        return ReusedPart(tuple(kept), payload[start:end], frame.compressed if copy else None)  # type: ignore[union-attr]
-    return ReusedPart(tuple(kept), b"".join(payload[a:b] for a, b in ranges))
+        return ReusedPart(tuple(kept), payload[start:end], frame.compressed if copy else None,  # type: ignore[union-attr]
+                          digests)
+    return ReusedPart(tuple(kept), b"".join(payload[a:b] for a, b in ranges), digests=digests)
 
 
 def _header_problem(previous: PreviousArchive, reader: VmaReader,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from qmpbackup.backup.assembler import CLUSTER_SIZE, ClusterAssembler, PointInTimeError
 from qmpbackup.backup.incremental import PreviousArchive, newest_archive
 from qmpbackup.backup.synthetic import PreviousArchiveError, fill_from_previous
+from qmpbackup.vma.index import ArchiveIndex, embed_index, sidecar_path, write_sidecar
 from qmpbackup.compress import Compression, open_compressor
 from qmpbackup.vma import VmaReader, VmaWriter
 from qmpbackup.vma.archive_io import open_archive
@@ -28,7 +31,13 @@ def _write_archive(path: Path, disks: dict[str, bytes], compression: Compression
             for c in range(0, len(data), CLUSTER_SIZE):
                 writer.write_cluster(dev, c // CLUSTER_SIZE, data[c:c + CLUSTER_SIZE])
         writer.close()
+        assert writer.index is not None
+        embedded = embed_index(writer.index, comp, writer.bytes_written)
         comp.close()
+    sidecar_path(path).unlink(missing_ok=True)
+    if not embedded:
+        write_sidecar(writer.index, path, writer.bytes_written)
+    writer.index.close()
     return writer
 
 
@@ -106,7 +115,7 @@ async def test_damaged_previous_archive_fails_clearly(tmp_path: Path) -> None:
     with (tmp_path / "new.vma").open("wb") as f:
         writer = VmaWriter(f)
         asm = ClusterAssembler(writer, writer.add_device("drive-scsi0", SIZE_A), SIZE_A, name="drive-scsi0")
-        with pytest.raises(PreviousArchiveError, match="damaged or unreadable .* next backup will read the whole"):
+        with pytest.raises(PreviousArchiveError, match="damaged or unreadable .*: reading the whole disk"):
             await fill_from_previous(found, {"drive-scsi0": asm}, writer)
 
 
@@ -130,6 +139,58 @@ def test_newest_archive_reasons(tmp_path: Path) -> None:
     (tmp_path / "vzdump-qemu-100-2026_01_01-00_00_00.vma").write_bytes(b"junk")
     found, reason = newest_archive(tmp_path, 100)
     assert found is None and reason is not None and "damaged or unreadable" in reason
+    prev_path = tmp_path / "vzdump-qemu-100-2026_01_02-00_00_00.vma"
+    _write_archive(prev_path, _disks(), Compression.NONE)
+    sidecar = sidecar_path(prev_path)
+    sidecar.write_bytes(sidecar.read_bytes()[:-10])
+    found, reason = newest_archive(tmp_path, 100)
+    assert found is None and reason == ("previous archive's index not usable: index in "
+                                        f"{sidecar.name} truncated or damaged (no valid trailer)")
+    sidecar.unlink()
+    found, reason = newest_archive(tmp_path, 100)
+    assert found is None and reason == f"previous archive {prev_path.name} has no index, so its data cannot be checked"
+
+
+@pytest.mark.parametrize("compression", [Compression.NONE, Compression.ZSTD])
+async def test_flipped_byte_in_previous_archive_is_not_copied(tmp_path: Path, compression: Compression) -> None:
+    """The issue's reproduction: 64 bytes overwritten inside a stored cluster pass every format rule;
+    the digest in the previous archive's index catches them before the cluster is taken."""
+    old = _disks()
+    prev_path = tmp_path / f"vzdump-qemu-100-2026_01_01-00_00_00.vma{compression.extension}"
+    _write_archive(prev_path, old, compression)
+    found, _ = newest_archive(tmp_path, 100)
+    assert found is not None
+    with ArchiveIndex.open(prev_path) as index:
+        dev = index.device("drive-scsi0")
+        assert dev is not None
+        record = index.record(dev, 20)
+        assert record.mask == 0xFFFF
+    if compression is Compression.NONE:
+        with prev_path.open("r+b") as f:
+            f.seek(record.data_offset + 5000)
+            f.write(b"\x00" * 64)
+    else:  # damage the plain data and compress it again frame by frame: every zstd check passes
+        plain = bytearray(zstd_plain(prev_path))
+        plain[record.data_offset + 5000:record.data_offset + 5064] = bytes(64)
+        with ArchiveIndex.open(prev_path) as index:
+            frames = [index.frame(n) for n in range(index.frame_count + 1)]
+            tail = prev_path.read_bytes()[frames[-1][0]:]
+        with prev_path.open("wb") as f:
+            for (_, start), (_, end) in itertools.pairwise(frames):
+                f.write(zstandard.ZstdCompressor(write_checksum=True).compress(bytes(plain[start:end])))
+            f.write(tail)  # the index frame (its frame table is off now: the data check comes first)
+    with (tmp_path / "new.vma").open("wb") as f:
+        writer = VmaWriter(f)
+        asm = ClusterAssembler(writer, writer.add_device("drive-scsi0", SIZE_A), SIZE_A, name="drive-scsi0")
+        with pytest.raises(PreviousArchiveError,
+                           match=f"previous archive {prev_path.name} damaged at drive-scsi0 cluster 20: "
+                                 "reading the whole disk"):
+            await fill_from_previous(found, {"drive-scsi0": asm}, writer)
+
+
+def zstd_plain(path: Path) -> bytes:
+    import subprocess
+    return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
 
 
 def test_partly_sent_cluster_cannot_be_completed(tmp_path: Path) -> None:

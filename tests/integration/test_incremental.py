@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -232,15 +233,18 @@ def test_every_doubt_falls_back_to_a_full_read(qemu: QemuBinaries, qemu_vm, tmp_
         assert "scsi0: dirty-bitmap status: OK" in log and result["bytes_read"] == 65536
         assert good is not None and s.contents(good) == model.copy()
 
-        # Damaged during the merge (truncated): this run fails clearly, the next one reads everything.
+        # Damaged during the merge (truncated): this run starts over and reads everything.
         raw = good.read_bytes()
         good.write_bytes(raw[: len(raw) - 70000])
         model.write(mon, "scsi0", 2 * MiB, 65536, 0x03)
-        result, log, arch = s.backup(ok=False)
-        assert arch is None and "is damaged or unreadable" in log and "next backup will read the whole" in log
+        result, log, arch = s.backup()
+        assert "is damaged or unreadable" in log and ": reading the whole disk" in log
+        _full_read_line(log, "reading the whole disk")
+        assert result["bytes_read"] == size
+        assert arch is not None and s.contents(arch) == model.copy()
         assert not s.run_.leftovers()
         result, log, arch = s.backup()
-        _full_read_line(log, "bitmap missing")
+        assert "scsi0: dirty-bitmap status: OK" in log
         assert arch is not None and s.contents(arch) == model.copy()
 
         # A header nobody can read.
@@ -261,6 +265,55 @@ def test_every_doubt_falls_back_to_a_full_read(qemu: QemuBinaries, qemu_vm, tmp_
         _full_read_line(log, "drive resized")
         assert arch is not None and s.contents(arch) == model.copy()
         assert len(_our_bitmaps(mon)["drive-scsi0"]) == 1
+    finally:
+        mon.close()
+
+
+@pytest.mark.parametrize("compress", ["0", "zstd"])
+def test_damaged_cluster_of_previous_archive_is_not_propagated(qemu: QemuBinaries, qemu_vm, tmp_path: Path,
+                                                               mon_dir: Path, compress: str) -> None:
+    """Issue 12's reproduction: 64 bytes overwritten inside an archive pass every format rule; verify
+    fails on them, and the next incremental run does not copy them but reads the disk in full."""
+    from qmpbackup.vma.index import ArchiveIndex
+
+    size = 4 * MiB
+    a = make_image(qemu.img, qemu.io, tmp_path / "a.raw", "raw", size)
+    random_fill(a, 0, size)
+    vm = qemu_vm([_drive(a, "scsi0", "raw")], extra_args=monitor_args(mon_dir))
+    mon = Monitor(mon_dir / "monitor.sock")
+    s = Session(tmp_path, vm.qmp_path, qemu.img)
+    try:
+        _, log, first = s.backup("--compress", compress)
+        assert first is not None
+        model = Model(s.contents(first, {"scsi0": (a, "raw")}))
+        with ArchiveIndex.open(first) as index:
+            dev = index.devices[0]
+            record = index.record(dev, 30)
+        if compress == "0":
+            with first.open("r+b") as f:
+                f.seek(record.data_offset + 1000)
+                f.write(b"\x5a" * 64)
+        else:  # damage the plain bytes and compress the frame again: every zstd check still passes
+            import zstandard
+            with ArchiveIndex.open(first) as index:
+                n = index.frame_at(record.data_offset)
+                (c0, p0), (c1, _p1) = index.frame(n), index.frame(n + 1)
+            raw = first.read_bytes()
+            plain = bytearray(zstandard.ZstdDecompressor().decompress(raw[c0:c1]))
+            plain[record.data_offset - p0 + 1000:record.data_offset - p0 + 1064] = b"\x5a" * 64
+            first.write_bytes(raw[:c0] + zstandard.ZstdCompressor(write_checksum=True).compress(bytes(plain))
+                              + raw[c1:])
+        verify = subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "verify", str(first)],
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert verify.returncode == 1
+        assert f"data checksum mismatch in drive-scsi0 cluster 30 (byte offset {record.data_offset})" in verify.stderr
+
+        model.write(mon, "scsi0", MiB, 65536, 0x07)
+        result, log, arch = s.backup("--compress", compress)
+        assert "damaged at drive-scsi0 cluster 30: reading the whole disk" in log, log
+        assert result["bytes_read"] == size
+        assert arch is not None and s.contents(arch) == model.copy()
+        assert not s.run_.leftovers()
     finally:
         mon.close()
 
