@@ -16,13 +16,13 @@ from datetime import tzinfo
 from pathlib import Path
 
 from qmpbackup.errors import QmpBackupError, UsageError
-from qmpbackup.store.names import ArchiveName, log_name, notes_name, parse_backup_name, protected_name
+from qmpbackup.store.names import ArchiveName, index_name, log_name, notes_name, parse_backup_name, protected_name
 from qmpbackup.store.notes import first_line, read_notes
 from qmpbackup.store.prune import BackupRecord, Mark, PruneOptions, mark_group
 
 log = logging.getLogger(__name__)
 
-SIDECAR_SUFFIXES = (".log", ".notes", ".protected", ".dat", ".tmp")
+SIDECAR_SUFFIXES = (".log", ".notes", ".protected", ".index", ".dat", ".tmp")
 _COMPRESSION = {".zst": "zstd", ".gz": "gzip", ".lzo": "lzo", ".bz2": "bzip2", ".tgz": "gzip"}
 
 
@@ -130,14 +130,14 @@ def plan_prune(
 
 
 def remove_backup(archive: Path) -> None:
-    """Delete an archive and its ``.log`` and ``.notes``; a protected backup is refused."""
+    """Delete an archive and its ``.log``, ``.notes`` and ``.index``; a protected backup is refused."""
     if protected_name(archive).exists():
         raise DumpDirError(f"backup {archive.name} is protected")
     try:
         archive.unlink()
     except OSError as exc:
         raise DumpDirError(f"cannot remove {archive}: {exc.strerror}") from exc
-    for sidecar in (log_name(archive), notes_name(archive)):
+    for sidecar in (log_name(archive), notes_name(archive), index_name(archive)):
         try:
             sidecar.unlink()
         except FileNotFoundError:

@@ -18,7 +18,7 @@ from qmpbackup.store.dumpdir import (
     prune_after_backup,
     remove_backup,
 )
-from qmpbackup.store.names import archive_name, log_name, notes_name, protected_name
+from qmpbackup.store.names import archive_name, index_name, log_name, notes_name, protected_name
 from qmpbackup.store.notes import NotesTemplateError, read_notes, render_notes, write_notes
 from qmpbackup.store.protection import ProtectionError, is_protected, protect, unprotect
 from qmpbackup.store.prune import Mark, PruneOptions
@@ -47,6 +47,7 @@ def test_list(dump: Path) -> None:
     (dump / "unrelated.txt").write_text("")
     write_notes(a, "first line\nsecond")
     protect(a)
+    index_name(a).write_bytes(b"")
     backups = list_backups(dump, tz=UTC)
     assert [b.path.name for b in backups] == [
         "vzdump-qemu-101-2024_01_01-00_00_00.vma",
@@ -63,6 +64,7 @@ def test_prune_removes_sidecars_and_keeps_protected_and_renamed(dump: Path) -> N
     days = [make(dump, 100, datetime(2024, 1, d, 12)) for d in range(1, 6)]
     for p in days:
         write_notes(p, "n")
+        index_name(p).write_bytes(b"index")  # a sidecar index is part of the backup, not a renamed one
     protect(days[0])
     renamed = dump / "vzdump-qemu-100-my-copy.vma.zst"
     renamed.write_bytes(b"")
@@ -77,8 +79,10 @@ def test_prune_removes_sidecars_and_keeps_protected_and_renamed(dump: Path) -> N
     assert removed == [days[1], days[2]]
     for p in (days[1], days[2]):
         assert not p.exists() and not log_name(p).exists() and not notes_name(p).exists()
+        assert not index_name(p).exists()
     for p in (days[0], days[3], days[4], renamed, other):
         assert p.exists()
+    assert index_name(days[0]).exists()
     assert log_name(days[0]).exists() and notes_name(days[0]).exists()
 
 
