@@ -63,7 +63,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("verify", parents=[common], help="read the whole archive and check every rule")
     p.add_argument("archive", metavar="F", help="archive file (any compression) or - for stdin")
-    p.add_argument("-v", dest="verbose", action="store_true", help="also print the list output and statistics")
+    p.add_argument("-v", dest="verbose", action="store_true",
+                   help="also print the list output, progress and sparse statistics (as Proxmox's vma)")
     p.set_defaults(run=run_verify)
 
 
@@ -139,7 +140,5 @@ def run_verify(args: argparse.Namespace, ctx: Context) -> int:
         reader = VmaReader(source)
         if args.verbose:
             _print_lines(list_lines(reader))
-        result = verify(reader)
-    if args.verbose:
-        _print_lines(result.lines())
+        verify(reader, ExtractProgress(reader.header.devices, _print_line) if args.verbose else None)
     return 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from qmpbackup.render import display_name
-from qmpbackup.vma import format as fmt
 from qmpbackup.vma.errors import VmaError
+from qmpbackup.vma.progress import ExtractProgress
 from qmpbackup.vma.reader import VmaReader
 
 DEFAULT_CONFIG = "qemu-server.conf"
@@ -43,49 +42,18 @@ def config_data(reader: VmaReader, name: str = DEFAULT_CONFIG) -> bytes:
     raise VmaError(f"unable to find configuration data '{name}'")
 
 
-@dataclass(slots=True)
-class DeviceStats:
-    name: str
-    size: int
-    clusters: int
-    zero_clusters: int = 0
-    stored_blocks: int = 0
-
-
-@dataclass(slots=True)
-class VerifyResult:
-    extents: int = 0
-    archive_bytes: int = 0
-    devices: dict[int, DeviceStats] = field(default_factory=dict)
-
-    def lines(self) -> list[str]:
-        out = []
-        for dev_id, st in self.devices.items():
-            stored = st.stored_blocks * fmt.BLOCK_SIZE
-            sparse = 100.0 * (1 - stored / st.size) if st.size else 0.0
-            out.append(
-                f"VERIFY: dev_id={dev_id} devname: {display_name(st.name, keep_bytes=True)} clusters: {st.clusters} "
-                f"zero clusters: {st.zero_clusters} stored: {stored} bytes ({sparse:.1f}% sparse)"
-            )
-        out.append(f"VERIFY: {self.extents} extents, {self.archive_bytes} archive bytes (uncompressed), OK")
-        return out
-
-
-def verify(reader: VmaReader) -> VerifyResult:
+def verify(reader: VmaReader, progress: ExtractProgress | None = None) -> None:
     """Read everything with all checks, including that no cluster is missing.
 
     Stricter than Proxmox's ``vma verify``, which skips the missing-cluster
     check: an archive cut off at an extent boundary would otherwise pass.
+    With ``progress``, each cluster is counted as Proxmox's ``vma verify -v`` counts it.
     """
-    result = VerifyResult(
-        devices={dev.dev_id: DeviceStats(dev.name, dev.size, dev.clusters) for dev in reader.header.devices}
-    )
+    if progress is not None:
+        progress.start()
     for extent in reader.extents(check_missing=True):
-        result.extents += 1
-        for cluster in extent.clusters:
-            st = result.devices[cluster.dev_id]
-            if cluster.mask == 0:
-                st.zero_clusters += 1
-            st.stored_blocks += cluster.mask.bit_count()
-    result.archive_bytes = reader.offset
-    return result
+        if progress is not None:
+            for cluster in extent.clusters:
+                progress.cluster(cluster.dev_id, cluster.cluster_num, cluster.mask)
+    if progress is not None:
+        progress.finish()

@@ -80,7 +80,8 @@ def test_create_list_config_verify_extract(tmp_path: Path, inputs: dict[str, Pat
 
     assert qmpbackup("verify", archive).returncode == 0
     verbose = qmpbackup("verify", archive, "-v")
-    assert verbose.returncode == 0 and b"DEV: dev_id=1" in verbose.stdout and b"OK" in verbose.stdout
+    assert verbose.returncode == 0 and b"DEV: dev_id=1" in verbose.stdout
+    assert verbose.stdout.decode().splitlines()[-2].startswith("total bytes read ")
 
     target = tmp_path / "out"
     proc = qmpbackup("extract", archive, target)
@@ -276,3 +277,27 @@ def test_hashes_match_between_create_and_extract(tmp_path: Path) -> None:
     restored = (tmp_path / "o" / "disk-drive-sata0.raw").read_bytes()
     assert hashlib.sha256(restored).digest() == hashlib.sha256(disk.read_bytes()).digest()
     assert os.path.getsize(tmp_path / "o" / "disk-drive-sata0.raw") == 130 * CLUSTER_SIZE + 512
+
+
+PVE_VMA = os.environ.get("QMPBACKUP_PVE_VMA")
+
+
+@pytest.mark.skipif(not PVE_VMA, reason="QMPBACKUP_PVE_VMA (Proxmox's vma binary) not set")
+def test_verify_v_prints_what_proxmox_vma_prints(tmp_path: Path) -> None:
+    """Same archive, same lines: list lines, one progress line per percent, the sparse statistics."""
+    assert PVE_VMA is not None
+    a = tmp_path / "a.raw"
+    a.write_bytes(os.urandom(3 * 2**20) + bytes(2 * 2**20) + os.urandom(5000))  # data, zeros, partial cluster
+    b = tmp_path / "b.raw"
+    b.write_bytes(bytes(4096) + os.urandom(2**20 - 4096))  # a 4 KiB zero block inside a cluster
+    conf = tmp_path / "qemu-server.conf"
+    conf.write_bytes(CONFIG)
+    archive = tmp_path / "p.vma"
+    subprocess.run([PVE_VMA, "create", str(archive), "-c", str(conf), "-d", f"format=raw:drive-scsi0={a}",
+                    "-d", f"format=raw:drive-virtio1={b}"], check=True, capture_output=True, cwd=tmp_path)
+    env = dict(os.environ, TZ="UTC")
+    theirs = subprocess.run([PVE_VMA, "verify", str(archive), "-v"], capture_output=True, env=env, check=False)
+    ours = subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "vma", "verify", str(archive), "-v"],
+                          capture_output=True, env=env, check=False)
+    assert (ours.returncode, ours.stdout.decode()) == (theirs.returncode, theirs.stdout.decode())
+    assert len(ours.stdout.decode().splitlines()) > 50
