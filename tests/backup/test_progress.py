@@ -38,3 +38,21 @@ def test_tasklog_file_lines_and_warnings(tmp_path: Path) -> None:
     assert " WARN: skipping guest filesystem freeze" in lines[1]
     assert len(lines) == 4 and len(lines[0].split(" ")[0]) == 10
     assert log.warnings == ["skipping guest filesystem freeze - agent configured but not running?"]
+
+
+def test_incremental_progress_counts_what_the_previous_archive_gives_and_ends_at_100() -> None:
+    """Only 1 GiB of 32 changed: the share counts the unchanged bytes too, rates never go negative."""
+    p = Progress(total_bytes=32 * GIB, started=0.0)
+    first = p.line(5.0, read=GIB // 2, zero=0, done=31 * GIB + GIB // 2)
+    assert first is not None and first.startswith(" 98% (31.5 GiB of 32.0 GiB) in 5s, read: 102.4 MiB/s,")
+    # The end: zero clusters filled in without being read make zero > read; no negative rate.
+    last = p.final(10.0, read=GIB, zero=4 * GIB)
+    assert last == "100% (32.0 GiB of 32.0 GiB) in 10s, read: 102.4 MiB/s, write: 0 B/s"
+    assert "-" not in last
+    assert p.final(11.0, read=GIB, zero=4 * GIB) is None  # printed once: no second, no empty line
+
+
+def test_final_line_when_the_last_periodic_line_was_below_100() -> None:
+    p = Progress(total_bytes=100 * GIB, started=0.0)
+    assert p.line(3.0, read=5 * GIB, zero=0) is not None
+    assert (p.final(4.0, read=5 * GIB, zero=0) or "").startswith("100% (100.0 GiB of 100.0 GiB) in 4s")
