@@ -37,15 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from qmpbackup.config_text import INT64_MAX, parse_integer, read_config_text
 from qmpbackup.errors import ConfigError
 
 SECTION = "qmpbackup"
 VMID_MIN, VMID_MAX = 100, 999_999_999
 DRIVE_LIMITS = {"ide": 4, "sata": 6, "scsi": 31, "virtio": 16}
-_DRIVE_RE = re.compile(r"(ide|sata|scsi|virtio)(\d{1,2})")
+_DRIVE_RE = re.compile(r"(ide|sata|scsi|virtio)([0-9]{1,2})")
 _LINE_RE = re.compile(r"([a-z][a-z0-9_-]*)\s*:\s*(.*?)\s*")
 _SECTION_RE = re.compile(r"\[([^\]\s]+)\]\s*")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)")
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGT]?)")
 _NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _ACCELS = ("tcg", "kvm")
 _FORMATS = ("raw", "qcow2", "vmdk", "qed", "vdi", "vpc", "vhdx")
@@ -131,13 +132,14 @@ def guest_path(config_dir: Path, vmid: int) -> Path:
 
 
 def check_vmid(vmid: int | str, path: str | None = None) -> int:
-    """A Proxmox VM id (100 … 999999999). :raise ConfigError: otherwise."""
+    """A Proxmox VM id (100 … 999999999, no leading zeros). :raise ConfigError: otherwise."""
+    text = str(vmid).strip()
     try:
-        value = int(str(vmid), 10)
-    except ValueError:
-        raise ConfigError(f"VM id {vmid!r} is not a number", path) from None
-    if not VMID_MIN <= value <= VMID_MAX or str(vmid).strip() != str(value):
-        raise ConfigError(f"VM id {vmid!r} is outside {VMID_MIN}..{VMID_MAX}", path)
+        value = parse_integer(text, VMID_MIN, VMID_MAX)
+    except ValueError as exc:
+        raise ConfigError(f"VM ID {exc}", path) from None
+    if text != str(value):
+        raise ConfigError(f"VM ID {text!r} has leading zeros", path)
     return value
 
 
@@ -148,11 +150,9 @@ def load_guest(config_dir: Path, vmid: int) -> GuestDefinition:
     """
     path = guest_path(config_dir, vmid)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_config_text(path)
     except FileNotFoundError:
         raise ConfigError(f"VM {vmid} has no guest definition (and no --qmp was given)", str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read guest definition: {e}", str(path)) from e
     return parse_guest(text, vmid, path)
 
 
@@ -307,9 +307,10 @@ def parse_guest(text: str, vmid: int, path: Path | None = None) -> GuestDefiniti
                 raise ConfigError(f"name {value!r} is not a valid DNS name", where, n)
             name = value
         elif key == "memory":
-            if not value.isdigit() or int(value) < 16:
-                raise ConfigError(f"memory must be a number of MiB (at least 16), not {value!r}", where, n)
-            memory = int(value)
+            try:
+                memory = parse_integer(value, 16, INT64_MAX >> 20)
+            except ValueError as exc:
+                raise ConfigError(f"memory must be a number of MiB (at least 16): {exc}", where, n) from None
         elif key == "agent":
             agent = _parse_agent(value, where, n)
         elif key in ("qmp", "qga", "start", "accel"):

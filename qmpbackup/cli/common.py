@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from qmpbackup.config_text import INT64_MAX, parse_integer
 from qmpbackup.errors import ConfigError, UsageError
+from qmpbackup.guest_config import check_vmid
+from qmpbackup.jobs.vzdump_conf import parse_option
 
 DEFAULT_CONFIG_DIR = Path("/etc/qmpbackup")
 CONFIG_DIR_ENV = "QMPBACKUP_CONFIG_DIR"
@@ -129,7 +132,32 @@ def target_options(args: argparse.Namespace) -> dict[str, str]:
     return options
 
 
+def integer_arg(low: int = 0, high: int = INT64_MAX) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number in ``low..high`` (ASCII digits, as every number we read)."""
+
+    def parse(text: str) -> int:
+        try:
+            return parse_integer(text, low, high)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def option_arg(key: str) -> Callable[[str], Any]:
+    """An argparse ``type`` taking what vzdump option ``key`` takes: one parser for the flag and the config."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_option(key, text)[1]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def vmid_arg(text: str) -> int:
-    if not text.isdigit() or not 100 <= int(text) <= 999_999_999:
-        raise argparse.ArgumentTypeError(f"invalid VM ID {text!r} (100..999999999)")
-    return int(text)
+    try:
+        return check_vmid(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

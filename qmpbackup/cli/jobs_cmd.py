@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.cli.common import ArgumentParser, Context, add_output_format, print_json
+from qmpbackup.cli.common import ArgumentParser, Context, add_output_format, integer_arg, print_json
 from qmpbackup.jobs.calendar import next_event, next_events, parse_calendar_event
 from qmpbackup.jobs.jobs_cfg import BackupJob, find_job, load_jobs_cfg
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
@@ -26,27 +26,14 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = Path("/var/lib/qmpbackup")
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
-def _epoch(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not Unix seconds") from None
-
-
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser("jobs", parents=[common], help="scheduled backup jobs (jobs.cfg)")
     sub = p.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND", parser_class=ArgumentParser)
     sub.required = True
     n = sub.add_parser("next-events", parents=[common], help="when a calendar event fires next")
     n.add_argument("spec", metavar="SPEC", help="a calendar event, e.g. 'mon..fri 21:00'")
-    n.add_argument("--after", type=_epoch, metavar="EPOCH", help="start after this time (default: now)")
-    n.add_argument("--count", type=_positive, default=10, metavar="N", help="how many (default 10)")
+    n.add_argument("--after", type=integer_arg(), metavar="EPOCH", help="start after this time (default: now)")
+    n.add_argument("--count", type=integer_arg(1), default=10, metavar="N", help="how many (default 10)")
     add_output_format(n)
     n.set_defaults(run=run_next_events)
     ls = sub.add_parser("list", parents=[common], help="the jobs in jobs.cfg and their next run")

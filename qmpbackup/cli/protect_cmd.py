@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.cli.common import Context
+from qmpbackup.cli.common import Context, integer_arg
 from qmpbackup.errors import UsageError
 from qmpbackup.jobs.target import storage_of_dir
 from qmpbackup.store.names import parse_backup_name
@@ -18,7 +18,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("archive", metavar="ARCHIVE", type=Path, help="the backup archive file")
     p.add_argument(
         "--max-protected-backups",
-        type=int,
+        type=integer_arg(-1),
         metavar="N",
         help="most protected backups per VM in this directory (-1 = unlimited; default: the "
         "storage's max-protected-backups, else unlimited)",

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.cli.common import Context
-from qmpbackup.errors import UsageError
+from qmpbackup.cli.common import Context, option_arg
 from qmpbackup.guest_config import check_vmid
 from qmpbackup.jobs.storage_cfg import (
     load_storage_cfg,
@@ -35,7 +34,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                        "(default: the storage each disk's map line names, else 'local')")
     p.add_argument("--format", dest="image_format", choices=("raw", "qcow2"),
                    help="image format (default: the archive's, raw when unknown)")
-    p.add_argument("--bwlimit", type=int, metavar="KiB/s",
+    p.add_argument("--bwlimit", type=option_arg("bwlimit"), metavar="KiB/s",
                    help="read the archive at most this fast, 0 = no limit (default: the 'restore' (else "
                    "'default') bwlimit of the archive's and the target storage in storage.cfg, the lower; "
                    "else no limit)")
@@ -49,8 +48,6 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def _bwlimit_kib(args: argparse.Namespace, ctx: Context) -> int:
     """The command line wins; else storage.cfg's restore limit of the storages this restore touches."""
     if args.bwlimit is not None:
-        if args.bwlimit < 0:
-            raise UsageError("--bwlimit must be 0 (no limit) or a rate in KiB/s")
         return int(args.bwlimit)
     storages = load_storage_cfg(ctx.config_dir)
     involved = [storages[args.storage]] if args.storage in storages else []

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.cli.common import ArgumentParser, Context
+from qmpbackup.cli.common import ArgumentParser, Context, option_arg
 from qmpbackup.errors import UsageError
 from qmpbackup.vma.archive_io import open_archive
 from qmpbackup.vma.create import create_archive_file, parse_disk_spec
@@ -43,7 +43,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help="disk image to store as device NAME, FMT raw, qcow2, ... (repeatable)")
     p.add_argument("--compress", default="none", metavar="zstd|gzip|lzo",
                    help="compress the archive (default none)")
-    p.add_argument("--zstd-threads", type=int, default=1, metavar="N",
+    p.add_argument("--zstd-threads", type=option_arg("zstd"), default=1, metavar="N",
                    help="zstd worker threads, 0 = half the cores (default 1, as vzdump)")
     p.add_argument("-v", dest="verbose", action="store_true", help="print progress and per-image statistics to stderr")
     p.set_defaults(run=run_create)
@@ -102,8 +102,6 @@ def _print_line(line: str) -> None:
 
 def run_create(args: argparse.Namespace, ctx: Context) -> int:
     disks = [parse_disk_spec(text) for text in args.disks]
-    if args.zstd_threads < 0:
-        raise UsageError("--zstd-threads must be 0 or more")
     create_archive_file(
         args.archive, [Path(c) for c in args.configs], disks, args.compress, args.zstd_threads,
         CreateProgress(_print_stderr) if args.verbose else None,

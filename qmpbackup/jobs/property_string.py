@@ -17,9 +17,12 @@ def parse_property_string(
 ) -> dict[str, str]:
     """Split ``value`` into its ``key=value`` parts; a bare part is ``default_key``'s value.
 
-    Unknown and repeated keys are errors. Values are returned as text; the caller types them.
+    Unknown and repeated keys are errors, and so are separators without any part (``,,,``); an
+    empty value sets nothing. Values are returned as text; the caller types them.
     """
     result: dict[str, str] = {}
+    if value.strip() and not value.replace(",", "").strip():
+        raise PropertyStringError(f"{value!r} sets no property")
     for part in value.split(","):
         part = part.strip()
         if not part:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qmpbackup.config_text import read_config_text
 from qmpbackup.errors import ConfigError
 
 _HEADER = re.compile(r"^(\S+):\s*(\S+)\s*$")
@@ -86,9 +87,7 @@ def parse_section_config(text: str, path: str) -> list[Section]:
 def load_section_config(path: Path) -> list[Section]:
     """Read and parse ``path``; a missing or unreadable file is a ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_config_text(path)
     except FileNotFoundError:
         raise ConfigError("file not found", str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", str(path)) from exc
     return parse_section_config(text, str(path))

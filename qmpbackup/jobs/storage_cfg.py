@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from qmpbackup.config_text import MAX_BWLIMIT_KIB, parse_integer
 from qmpbackup.errors import UsageError
 from qmpbackup.jobs.property_string import PropertyStringError, parse_property_string
 from qmpbackup.jobs.section_config import (
@@ -124,27 +125,26 @@ def _storage_from(section: Section) -> Storage:
             raise section.error("maxfiles", "'maxfiles' and 'prune-backups' are mutually exclusive")
     elif "maxfiles" in opts:
         try:
-            maxfiles = int(opts["maxfiles"])
-        except ValueError:
-            raise section.error("maxfiles", f"maxfiles: {opts['maxfiles']!r} is not an integer") from None
+            maxfiles = parse_integer(opts["maxfiles"])
+        except ValueError as exc:
+            raise section.error("maxfiles", f"maxfiles: {exc}") from None
         log.warning("%s: storage '%s': 'maxfiles' is deprecated, use 'prune-backups'", section.path, section.id)
         prune = from_maxfiles(maxfiles)
     max_protected: int | None = None
     if "max-protected-backups" in opts:
         try:
-            max_protected = int(opts["max-protected-backups"])
-        except ValueError:
-            max_protected = -2
-        if max_protected < -1:
-            raise section.error("max-protected-backups", "max-protected-backups must be an integer >= -1")
+            max_protected = parse_integer(opts["max-protected-backups"], -1)
+        except ValueError as exc:
+            raise section.error("max-protected-backups", f"max-protected-backups: {exc}") from None
     mountpoint = opts.get("mountpoint")
     bwlimit: dict[str, int] = {}
     if "bwlimit" in opts:
         try:
             for category, text in parse_property_string(opts["bwlimit"], BWLIMIT_CATEGORIES).items():
-                bwlimit[category] = int(float(text))
-                if bwlimit[category] < 0:
-                    raise ValueError(text)
+                whole, _dot, fraction = text.partition(".")  # a number: KiB/s, the fraction is dropped
+                if fraction and not (fraction.isascii() and fraction.isdigit()):
+                    raise ValueError(f"{text!r} is not a number")
+                bwlimit[category] = parse_integer(whole, 0, MAX_BWLIMIT_KIB)
         except (PropertyStringError, ValueError) as exc:
             expected = "expected e.g. restore=10240,default=51200, KiB/s"
             raise section.error("bwlimit", f"bwlimit: {exc} ({expected})") from None

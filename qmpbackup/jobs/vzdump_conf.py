@@ -15,14 +15,18 @@ Each layer only holds what it sets. Two special cases, both as vzdump does:
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from qmpbackup.config_text import INT64_MAX, MAX_BWLIMIT_KIB, parse_integer, read_config_text
 from qmpbackup.errors import ConfigError
+from qmpbackup.guest_config import check_vmid
 from qmpbackup.jobs.property_string import PropertyStringError, parse_property_string
 from qmpbackup.store.prune import KEEP_ALL, PruneOptions, PruneSpecError, from_maxfiles, parse_prune_spec
 
@@ -30,9 +34,9 @@ log = logging.getLogger(__name__)
 
 VZDUMP_CONF = "vzdump.conf"
 NOTES_TEMPLATE_MAX = 1024
+MAX_WAIT_MIN = int(threading.TIMEOUT_MAX // 60)  # the longest wait the platform can express
 
 STORAGE_ID_RE = re.compile(r"^[a-z][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE)
-_VMID_RE = re.compile(r"^[1-9][0-9]{2,8}$")
 _LIST_SPLIT = re.compile(r"[\s,;]+")
 
 
@@ -123,18 +127,20 @@ def _bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use 0 or 1)")
 
 
-def _int(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+def _int(low: int = 0, high: int = INT64_MAX) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text.strip(), 10)
-        except ValueError:
-            raise ValueError(f"{text!r} is not an integer") from None
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
-            raise ValueError(f"{value} is out of range {bounds}")
-        return value
+        return parse_integer(text, low, high)
 
     return parse
+
+
+def _threads(text: str) -> int:
+    """Threads of our own: more than the CPUs here cost memory (frames in flight) and win nothing."""
+    value = parse_integer(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise ValueError(f"{value} threads are more than the {cpus} CPUs here")
+    return value
 
 
 def _enum(*choices: str) -> Callable[[str], str]:
@@ -171,11 +177,10 @@ def _storage_id(text: str) -> str:
 
 
 def _vmid_list(text: str) -> tuple[int, ...]:
-    items = [item for item in _LIST_SPLIT.split(text.strip()) if item]
-    for item in items:
-        if not _VMID_RE.match(item):
-            raise ValueError(f"{item!r} is not a valid VM ID (100..999999999)")
-    return tuple(int(i) for i in items)
+    try:
+        return tuple(check_vmid(item) for item in _LIST_SPLIT.split(text.strip()) if item)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _word_list(text: str) -> tuple[str, ...]:
@@ -226,7 +231,7 @@ class _Option:
 OPTIONS: Mapping[str, _Option] = MappingProxyType(
     {
         "all": _Option("all", _bool),
-        "bwlimit": _Option("bwlimit_kib", _int(0)),
+        "bwlimit": _Option("bwlimit_kib", _int(0, MAX_BWLIMIT_KIB)),
         "compress": _Option("compress", _compress),
         "dirty-bitmap": _Option("dirty_bitmap", _bool),
         "dumpdir": _Option("dumpdir", _path),
@@ -235,7 +240,7 @@ OPTIONS: Mapping[str, _Option] = MappingProxyType(
         "fleecing": _Option("fleecing", _fleecing),
         "ionice": _Option("ionice", _int(0, 8)),
         "job-id": _Option("job_id", _text),
-        "lockwait": _Option("lockwait_min", _int(0)),
+        "lockwait": _Option("lockwait_min", _int(0, MAX_WAIT_MIN)),
         "mailnotification": _Option(
             "mailnotification", _enum("always", "failure"), deprecated="use notification-mode"
         ),
@@ -265,11 +270,11 @@ OPTIONS: Mapping[str, _Option] = MappingProxyType(
         "size": _Option(None, _int(500), deprecated="unused (LVM snapshot size)"),
         "stdexcludes": _Option("stdexcludes", _bool, containers_only=True),
         "stdout": _Option("stdout", _bool),
-        "stopwait": _Option("stopwait_min", _int(0)),
+        "stopwait": _Option("stopwait_min", _int(0, MAX_WAIT_MIN)),
         "storage": _Option("storage", _storage_id),
         "tmpdir": _Option("tmpdir", _path),
         "vmid": _Option("vmid", _vmid_list),
-        "zstd": _Option("zstd_threads", _int(0)),
+        "zstd": _Option("zstd_threads", _threads),
     }
 )
 
@@ -340,12 +345,10 @@ def load_vzdump_conf(config_dir: Path) -> OptionLayer:
     """``<config-dir>/vzdump.conf`` as a layer; a missing file is an empty layer."""
     path = config_dir / VZDUMP_CONF
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_config_text(path)
     except FileNotFoundError:
         log.debug("no %s; using vzdump's defaults", path)
         return OptionLayer(str(path))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", str(path)) from exc
     return parse_vzdump_conf(text, str(path))
 
 

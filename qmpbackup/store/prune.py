@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, tzinfo
 from typing import Hashable
 
+from qmpbackup.config_text import INT64_MAX, parse_integer
 from qmpbackup.errors import UsageError
 
 
@@ -69,6 +70,8 @@ def parse_prune_spec(value: str) -> PruneOptions:
 
     Raises :class:`PruneSpecError` with a one-line message on a bad key or value.
     """
+    if value.strip() and not value.replace(",", "").strip():
+        raise PruneSpecError(f"{value!r} sets no option")
     settings: dict[str, int] = {}
     for part in value.split(","):
         part = part.strip()
@@ -83,12 +86,9 @@ def parse_prune_spec(value: str) -> PruneOptions:
         if key in settings:
             raise PruneSpecError(f"{key} given twice")
         try:
-            number = int(raw.strip(), 10)
-        except ValueError:
-            raise PruneSpecError(f"{key}={raw!r} is not an integer") from None
-        if number < 0 or (key == "keep-all" and number > 1):
-            raise PruneSpecError(f"{key}={number} is out of range")
-        settings[key] = number
+            settings[key] = parse_integer(raw, 0, 1 if key == "keep-all" else INT64_MAX)
+        except ValueError as exc:
+            raise PruneSpecError(f"{key}: {exc}") from None
     keep_all = settings.pop("keep-all", 0) == 1
     if keep_all and any(settings.values()):
         raise PruneSpecError("keep-all cannot be combined with other keep options")
