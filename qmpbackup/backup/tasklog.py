@@ -32,6 +32,11 @@ class TaskLog:
     def info(self, message: str) -> None:
         self._emit(logging.INFO, message)
 
+    def file_only(self, message: str) -> None:
+        """An INFO line for the guest's log file alone (vzdump's ``Backup started at``, ``Failed at``)."""
+        if self._file is not None:
+            self._write(logging.INFO, message)
+
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         self._emit(logging.WARNING, message)
@@ -58,6 +63,10 @@ class TaskLog:
     def _emit(self, level: int, message: str) -> None:
         task_logger.log(level, "%s", message)
         if self._file is not None:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            self._file.write(f"{stamp} {_PREFIX.get(level, 'INFO')}: {message}\n")
-            self._file.flush()
+            self._write(level, message)
+
+    def _write(self, level: int, message: str) -> None:
+        assert self._file is not None
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._file.write(f"{stamp} {_PREFIX.get(level, 'INFO')}: {message}\n")
+        self._file.flush()

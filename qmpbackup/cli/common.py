@@ -126,7 +126,7 @@ def target_options(args: argparse.Namespace) -> dict[str, str]:
     """The vzdump options the target arguments set (only those given)."""
     options = {}
     if getattr(args, "dumpdir", None):
-        options["dumpdir"] = args.dumpdir
+        options["dumpdir"] = os.path.abspath(args.dumpdir)  # logs and hooks name absolute paths, as vzdump
     if getattr(args, "storage", None):
         options["storage"] = args.storage
     return options

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from qmpbackup.backup.progress import Progress, closing_lines
 from qmpbackup.backup.tasklog import TaskLog
 
@@ -56,3 +58,11 @@ def test_final_line_when_the_last_periodic_line_was_below_100() -> None:
     p = Progress(total_bytes=100 * GIB, started=0.0)
     assert p.line(3.0, read=5 * GIB, zero=0) is not None
     assert (p.final(4.0, read=5 * GIB, zero=0) or "").startswith("100% (100.0 GiB of 100.0 GiB) in 4s")
+
+
+def test_file_only_lines_stay_out_of_stderr(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="qmpbackup.task"), TaskLog(tmp_path / "x.log") as log:
+        log.file_only("Backup started at 2026-12-04 16:00:00")
+        log.info("status = running")
+    assert [r.getMessage() for r in caplog.records] == ["status = running"]
+    assert (tmp_path / "x.log").read_text().splitlines()[0].endswith(" INFO: Backup started at 2026-12-04 16:00:00")

@@ -7,6 +7,8 @@ import os
 import shlex
 from pathlib import Path
 
+import pytest
+
 from qmpbackup.cli.backup_cmd import _guests
 from qmpbackup.cli.common import Context
 from qmpbackup.jobs.command_line import vzdump_command_line
@@ -109,3 +111,10 @@ def test_prune_without_vmid_prunes_every_group(tmp_path: Path, isolated_config: 
     assert r.returncode == 0, r.stderr
     left = sorted(p.name for p in dump.iterdir())
     assert left == ["vzdump-qemu-100-2024_01_03-10_00_00.vma.zst", "vzdump-qemu-101-2024_01_03-10_00_00.vma.zst"]
+
+
+def test_a_relative_dumpdir_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qmpbackup.cli.common import target_options
+
+    monkeypatch.chdir(tmp_path)
+    assert target_options(argparse.Namespace(dumpdir="dump", storage=None)) == {"dumpdir": str(tmp_path / "dump")}
