@@ -156,11 +156,11 @@ def _mib(n: int) -> str:
 
 async def plan_fleecing(storage: Storage, disk_sizes: Sequence[int], runner: Runner = run_command,
                         cluster_size: int = DEFAULT_CLUSTER_SIZE) -> FleecingPlan:
-    """Probe ``storage`` and apply the space rule: the one call before a backup touches QEMU."""
-    plan = check_space(storage, await probe_storage(storage, runner), disk_sizes, cluster_size)
-    for w in plan.warnings:
-        log.warning("%s", w)
-    return plan
+    """Probe ``storage`` and apply the space rule: the one call before a backup touches QEMU.
+
+    The plan's warnings are for the caller's task log (logging them here too printed them twice).
+    """
+    return check_space(storage, await probe_storage(storage, runner), disk_sizes, cluster_size)
 
 
 def images_dir(storage: Storage, vmid: int) -> Path:

@@ -217,3 +217,18 @@ async def test_thick_zvol_needs_the_full_size() -> None:
     runner = RecordingRunner({"zfs get": f"{4 * GiB}\n0\n"})
     with pytest.raises(FleecingSpaceError, match="allocates images in full"):
         await plan_fleecing(storage, [8 * GiB], runner)
+
+
+async def test_plan_warnings_are_left_to_the_caller_to_log_once(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The run logs the plan's warnings in the task log; plan_fleecing printing them too made them appear twice."""
+    import fleecing.storage
+
+    async def fake_probe(storage: object, runner: object) -> SpaceProbe:
+        return probe(10 << 30, thin=True, discard=False)
+
+    monkeypatch.setattr(fleecing.storage, "probe_storage", fake_probe)
+    with caplog.at_level("DEBUG"):
+        plan = await plan_fleecing(dir_storage(Path("/srv/f")), [2 << 30])
+    assert "does not support discard" in plan.warnings[0]
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
