@@ -197,7 +197,7 @@ class SpawnedQemu:
             await self.stop()
             raise
         self._set_state(SpawnState.RUNNING)
-        log.info("VM %s: started paused QEMU pid %d (%s)", vm, self._proc.pid, accel)
+        log.debug("VM %s: started paused QEMU pid %d (%s)", vm, self._proc.pid, accel)  # after "starting kvm …"
 
     async def _wait_for_socket(self, timeout: float) -> None:
         """Wait for QMP's greeting on a probe connection, which QEMU sends only once its

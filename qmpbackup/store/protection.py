@@ -66,7 +66,7 @@ def protect(archive: Path, max_protected: int = UNLIMITED) -> bool:
         return False
     except OSError as exc:
         raise ProtectionError(f"cannot protect {archive.name}: {exc.strerror}") from exc
-    log.info("protected %s", archive.name)
+    log.debug("protected %s", archive.name)  # the caller says it (task log or the command's output)
     return True
 
 
@@ -80,5 +80,5 @@ def unprotect(archive: Path) -> bool:
         return False
     except OSError as exc:
         raise ProtectionError(f"cannot unprotect {archive.name}: {exc.strerror}") from exc
-    log.info("removed protection from %s", archive.name)
+    log.debug("removed protection from %s", archive.name)
     return True

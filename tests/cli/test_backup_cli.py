@@ -118,3 +118,9 @@ def test_a_relative_dumpdir_becomes_absolute(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.chdir(tmp_path)
     assert target_options(argparse.Namespace(dumpdir="dump", storage=None)) == {"dumpdir": str(tmp_path / "dump")}
+
+
+def test_protect_says_it_once(tmp_path: Path) -> None:
+    a = backup(tmp_path, 100, "2024_01_01-10_00_00")
+    r = qmpbackup("protect", str(a))
+    assert r.returncode == 0 and r.stdout == f"{a.name}: protected\n" and r.stderr == ""
