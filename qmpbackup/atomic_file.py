@@ -20,7 +20,6 @@ get plain writes.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import fcntl
@@ -28,12 +27,12 @@ import io
 import logging
 import mmap
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.handoff import Handoff, Owner
 from qmpbackup.ionice import ThreadIonice
 
 log = logging.getLogger(__name__)
@@ -44,9 +43,6 @@ DIRECT_ALIGN = 4096
 """Offset/length alignment for O_DIRECT that suits 512-byte and 4 KiB sector devices."""
 WRITE_BEHIND_BUFFERS = 3
 """One buffer being filled, one being written, one queued."""
-STOP_TIMEOUT_S = 30.0
-"""How long an abandoned output waits for a write in progress before leaving its thread behind."""
-WAIT_POLL_S = 1.0
 
 
 class OutputExistsError(QmpBackupError):
@@ -64,104 +60,61 @@ class _BackgroundWriter:
     thread; a synchronous O_DIRECT write stalls it for as long as the disk takes,
     and QEMU's job waits with it. Handing each full buffer to this thread
     overlaps the two. A failed write is kept and raised on the caller's next
-    wait for a buffer, or when it stops the writer.
+    wait for a buffer, or when it stops the writer; a write that makes no
+    progress for :data:`~qmpbackup.handoff.STALL_S` fails it too.
     """
 
     def __init__(self, fd: int, name: str, ionice: int | None) -> None:
         self._fd = fd
         self._ionice = ionice
-        self._cond = threading.Condition()
-        self._todo: collections.deque[tuple[memoryview, int]] = collections.deque()
+        # A ring of depth + 2 buffers: one queued, one being written, one being filled.
+        self._handoff: Handoff[tuple[memoryview, int]] = Handoff(
+            WRITE_BEHIND_BUFFERS - 2, f"writing {name}", owner=Owner.PRODUCER)
         self._maps = [mmap.mmap(-1, DIRECT_CHUNK) for _ in range(WRITE_BEHIND_BUFFERS)]
-        self._free = [memoryview(m) for m in self._maps]
-        self._busy = False
-        self._stopping = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"write {name}", daemon=True)
-        self._thread.start()
+        self._ring = [memoryview(m) for m in self._maps]
+        self._next = 0
+        self._handoff.start(self._run, f"write {name}")
 
     def take(self) -> memoryview:
-        """An empty buffer; waits while every buffer is queued or being written."""
-        with self._cond:
-            self._wait(lambda: bool(self._free))
-            return self._free.pop()
+        """The next empty buffer (the writes of it have ended: see :class:`~qmpbackup.handoff.Handoff`)."""
+        buf = self._ring[self._next]
+        self._next = (self._next + 1) % len(self._ring)
+        return buf
 
     def submit(self, buf: memoryview, length: int) -> None:
-        """Queue the first ``length`` (aligned) bytes of ``buf``; the buffer comes back through take()."""
-        with self._cond:
-            self._todo.append((buf, length))
-            self._cond.notify_all()
-
-    def give_back(self, buf: memoryview) -> None:
-        """Return a buffer that was taken and not submitted."""
-        with self._cond:
-            self._free.append(buf)
-            self._cond.notify_all()
+        """Queue the first ``length`` (aligned) bytes of ``buf``; waits while a write is queued already."""
+        self._handoff.put((buf, length))
 
     def wait_idle(self) -> None:
         """Wait until everything submitted is written; raises the first write error."""
-        with self._cond:
-            self._wait(lambda: not self._todo and not self._busy)
+        self._handoff.join()
 
     def stop(self, *, abandon: bool) -> None:
         """End the thread and free the buffers; ``abandon`` drops what is queued and any error.
 
         Without ``abandon`` it waits for every queued write and raises the first error.
         """
-        with self._cond:
-            self._stopping = True
-            if abandon:
-                while self._todo:
-                    self._free.append(self._todo.popleft()[0])
-            self._cond.notify_all()
-        self._thread.join(STOP_TIMEOUT_S if abandon else None)
-        if self._thread.is_alive():
-            # A write hangs (a dead network file system): the thread keeps its buffers.
-            log.warning("archive writer thread still busy after %.0f s; leaving it behind", STOP_TIMEOUT_S)
-            return
+        if not abandon:
+            try:
+                self._handoff.join()
+            except BaseException:
+                self._handoff.stop()
+                raise
+            self._handoff.finish()
+        if not self._handoff.stop():
+            return  # a write hangs (a dead network file system): the thread keeps its buffers
         # Dropped, not closed: a stored error's traceback may still reference a slice.
-        self._free.clear()
+        self._ring.clear()
         self._maps.clear()
         if not abandon:
-            self._raise_error()
-
-    def _wait(self, ready: Callable[[], bool]) -> None:
-        # No deadline: a slow disk is not an error, and the thread never ends without
-        # setting _error or being told to stop.
-        while True:
-            self._raise_error()
-            if ready():
-                return
-            self._cond.wait(WAIT_POLL_S)
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            raise self._error
+            self._handoff.raise_error()
 
     def _run(self) -> None:
-        try:
-            ThreadIonice(self._ionice).enter_current()
-        except QmpBackupError as exc:
-            self._error = exc
-        while True:
-            with self._cond:
-                while not self._todo and not self._stopping:
-                    self._cond.wait()
-                if not self._todo:
-                    self._cond.notify_all()
-                    return
-                buf, length = self._todo.popleft()
-                self._busy = True
-            try:
-                if self._error is None:
-                    _write_aligned(self._fd, buf[:length])
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                self._error = exc
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._free.append(buf)
-                    self._cond.notify_all()
+        ThreadIonice(self._ionice).enter_current()
+        while (item := self._handoff.get()) is not None:
+            buf, length = item
+            _write_aligned(self._fd, buf[:length])
+            self._handoff.done()
 
 
 def _write_aligned(fd: int, view: memoryview) -> None:
@@ -260,8 +213,6 @@ class OutputFile(io.FileIO):
         tail = bytes(view[aligned:fill])
         if aligned and not abandon:
             writer.submit(view, aligned)
-        else:
-            writer.give_back(view)
         writer.stop(abandon=abandon)
         _end_direct(super().fileno())
         if not abandon:

@@ -14,14 +14,15 @@ A file system without O_DIRECT (tmpfs) gets a plain buffered file.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import io
+import itertools
 import logging
 import mmap
 import os
-import threading
 from typing import BinaryIO, Final, cast
+
+from qmpbackup.handoff import Handoff, Owner
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ CHUNK: Final = 8 << 20
 BUFFERS: Final = 3
 """Buffers in the ring: one being read by the caller, two filled ahead."""
 ALIGN: Final = 4096
-WAIT_POLL_S: Final = 1.0
-STOP_TIMEOUT_S: Final = 30.0
 
 
 def open_direct(path: str) -> BinaryIO:
@@ -52,25 +51,21 @@ class DirectInput(io.RawIOBase):
     """A read-only, non-seekable file whose bytes a background thread reads ahead with O_DIRECT.
 
     ``read(n)`` returns ``n`` bytes unless the file ends first, like a buffered file.
-    A read error is raised to the caller where it would have met it.
+    A read error is raised to the caller where it would have met it; a read that makes no
+    progress for :data:`~qmpbackup.handoff.STALL_S` raises :class:`~qmpbackup.handoff.Stalled`.
     """
 
     def __init__(self, fd: int, name: str) -> None:
         super().__init__()
         self._fd = fd
         self.name = name
-        self._cond = threading.Condition()
         self._maps = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
-        self._free: list[mmap.mmap] = list(self._maps)
-        self._filled: collections.deque[tuple[mmap.mmap, int]] = collections.deque()
-        self._error: BaseException | None = None
-        self._eof = False  # the thread has queued the last chunk
-        self._stopping = False
+        # A ring of depth + 2 buffers: the caller's, one queued, one being read.
+        self._handoff: Handoff[tuple[mmap.mmap, int]] = Handoff(BUFFERS - 2, f"reading {name}", owner=Owner.CONSUMER)
         self._current: mmap.mmap | None = None
         self._current_len = 0
         self._pos = 0
-        self._thread = threading.Thread(target=self._run, name=f"read {name}", daemon=True)
-        self._thread.start()
+        self._handoff.start(self._run, f"read {name}")
 
     def readable(self) -> bool:
         return True
@@ -113,55 +108,25 @@ class DirectInput(io.RawIOBase):
     def close(self) -> None:
         if self.closed:
             return
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join(STOP_TIMEOUT_S)
-        if self._thread.is_alive():
-            log.warning("reader thread of %s still busy after %.0f s; leaving it behind", self.name, STOP_TIMEOUT_S)
-        else:
+        if self._handoff.stop():
             os.close(self._fd)
         super().close()
 
     def _next_chunk(self) -> bool:
-        """Give the used buffer back and take the next filled one; False at the end of the file."""
-        with self._cond:
-            if self._current is not None:
-                self._free.append(self._current)
-                self._current = None
-                self._cond.notify_all()
-            while not self._filled:
-                if self._error is not None:
-                    raise self._error
-                if self._eof:
-                    return False
-                self._cond.wait(WAIT_POLL_S)
-            self._current, self._current_len = self._filled.popleft()
-            self._pos = 0
-            return True
+        """Take the next filled buffer (the reader may refill the used one from now on); False at the end."""
+        self._current = None
+        item = self._handoff.get()
+        if item is None:
+            return False
+        self._current, self._current_len = item
+        self._pos = 0
+        return True
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._free and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                buf = self._free.pop()
-            try:
-                got = os.readv(self._fd, [buf])
-            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
-                with self._cond:
-                    self._error = exc
-                    self._cond.notify_all()
+        for index in itertools.count():
+            buf = self._maps[index % len(self._maps)]
+            got = os.readv(self._fd, [buf])
+            if got and not self._handoff.put((buf, got)):
+                return  # closed
+            if got == 0 or got % ALIGN:  # the end (an unaligned length can only be the last)
                 return
-            with self._cond:
-                if got:
-                    self._filled.append((buf, got))
-                else:
-                    self._free.append(buf)
-                if got == 0 or got % ALIGN:  # the end (an unaligned length can only be the last)
-                    self._eof = True
-                self._cond.notify_all()
-                if self._eof:
-                    return

@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
@@ -31,6 +29,7 @@ from qmpbackup.backup.assembler import ClusterAssembler
 from qmpbackup.backup.datapath import DISCONNECT_TIMEOUT_S, ArchiveDataPath
 from qmpbackup.backup.incremental import IncrementalPlan, PreviousArchive
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.handoff import Handoff, Owner
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.compress import ZSTD_MAGIC
 from qmpbackup.vma import Extent, VmaReader
@@ -45,8 +44,6 @@ log = logging.getLogger(__name__)
 
 #: Extents handled between two returns to the event loop (one extent is at most ~3.8 MiB).
 _EXTENTS_PER_YIELD = 8
-#: How long the reader thread may take for one chunk of the previous archive.
-READ_STALL_S = 300.0
 
 
 class PreviousArchiveError(QmpBackupError):
@@ -145,7 +142,7 @@ class _ExtentStream:
     The new archive's side (packing, compressing, O_DIRECT writes) runs in the caller's
     thread; file reads, decompression and our writes release the GIL, so the two sides
     overlap instead of taking turns. Errors of the reader are raised where the caller
-    would have met them.
+    would have met them; it stalls as every hand-off does (:mod:`qmpbackup.handoff`).
     """
 
     DEPTH = 8
@@ -153,57 +150,28 @@ class _ExtentStream:
     def __init__(self, reader: VmaReader, take_frames: Callable[[int], list[Frame]] | None) -> None:
         self._reader = reader
         self._take_frames = take_frames
-        self._queue: queue.Queue[tuple[Extent, list[Frame]] | BaseException | None] = queue.Queue(self.DEPTH)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="previous-archive-reader", daemon=True)
+        self._handoff: Handoff[tuple[Extent, list[Frame]]] = Handoff(
+            self.DEPTH, "reading the previous archive", owner=Owner.CONSUMER)
 
     def __enter__(self) -> _ExtentStream:
-        self._thread.start()
+        self._handoff.start(self._run, "previous-archive-reader")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self._queue.get(timeout=0.1)  # unblock a put
-        self._thread.join()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)  # wakes a consumer still waiting in a worker thread
+        self._handoff.stop()
 
     def _run(self) -> None:
-        try:
-            for extent in self._reader.extents(clusters=False):
-                frames = [] if self._take_frames is None else self._take_frames(extent.offset + extent.size)
-                if not self._put((extent, frames)):
-                    return
-            self._put(None)
-        except BaseException as exc:  # handed to the consumer, who raises it
-            self._put(exc)
-
-    def _put(self, item: tuple[Extent, list[Frame]] | BaseException | None) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        for extent in self._reader.extents(clusters=False):
+            frames = [] if self._take_frames is None else self._take_frames(extent.offset + extent.size)
+            if not self._handoff.put((extent, frames)):
+                return
 
     async def next(self) -> tuple[Extent, list[Frame]] | None:
         """The next extent and its frames, None at the end (after the reader's final checks passed).
 
         Waits off the event loop when the reader is behind, so signals still get through.
         """
-        try:
-            item = self._queue.get_nowait()
-        except queue.Empty:
-            try:
-                item = await asyncio.to_thread(self._queue.get, True, READ_STALL_S)
-            except queue.Empty:
-                raise QmpBackupError(f"no data from the previous archive for {READ_STALL_S:.0f} s") from None
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        return await self._handoff.get_async()
 
 
 class _NewArchiveError(QmpBackupError):

@@ -25,7 +25,6 @@ import mmap
 import time
 from typing import Protocol
 
-from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.prefetch import CHUNK, ByteSource, PrefetchSource
 from qmpbackup.vma import format as fmt
 
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 MAX_BUFFERS = 24  # x 3.7 MiB: the read-ahead queue plus the writes in flight
 DEPTH = 16  # queued pieces: a header and a payload per extent
 WAIT_S = 0.001
-STALL_S = 300.0  # no buffer freed for this long: the writes (or the consumer) are stuck
 _HEADER_SIZE_FIELD = slice(56, 60)  # big-endian header_size in the fixed header part
 _MAX_HEADER = 1 << 26  # larger is broken (the reader says so): read it as plain chunks
 _PAYLOAD_MAX = fmt.MAX_EXTENT_BLOCKS * fmt.BLOCK_SIZE
@@ -66,21 +64,21 @@ class ExtentPrefetch(PrefetchSource):
 
     def _produce(self) -> None:
         header = self._read_full(fmt.HEADER_FIXED_SIZE)
-        if not self._put(header) or not header:
-            return None  # stopped, or the end (b"" queued)
+        if not header or not self._put(header):
+            return None  # the end, or stopped
         if len(header) < fmt.HEADER_FIXED_SIZE:
             return self._copy_rest()
         size = int.from_bytes(header[_HEADER_SIZE_FIELD], "big")
         if not fmt.HEADER_FIXED_SIZE <= size <= _MAX_HEADER:
             return self._copy_rest()
         rest = self._read_full(size - fmt.HEADER_FIXED_SIZE)
-        if rest and not self._put(rest):  # (an empty piece would mean the end)
+        if rest and not self._put(rest):  # (pieces are never empty)
             return None
         if len(rest) < size - fmt.HEADER_FIXED_SIZE:
             return self._copy_rest()
-        while not self._stop.is_set():
+        while not self._handoff.closed:
             head = self._read_full(fmt.EXTENT_HEADER_SIZE)
-            if not self._put(head) or not head:
+            if not head or not self._put(head):
                 return None
             blocks = int.from_bytes(head[6:8], "big")
             if len(head) < fmt.EXTENT_HEADER_SIZE or head[:4] != fmt.EXTENT_MAGIC or blocks > fmt.MAX_EXTENT_BLOCKS:
@@ -98,13 +96,18 @@ class ExtentPrefetch(PrefetchSource):
         got = 0
         while got < size and (n := self._readinto_source.readinto(view[got:])):
             got += n
-        self._put(view[:got])
+        if got:
+            self._put(view[:got])
         return got == size
 
     def _free_buffer(self) -> mmap.mmap | None:
-        """A buffer nobody views any more (or a new one, up to MAX_BUFFERS); None once stopped."""
-        deadline = time.monotonic() + STALL_S
-        while not self._stop.is_set():
+        """A buffer nobody views any more (or a new one, up to MAX_BUFFERS); None once stopped.
+
+        Nothing signals the end of a view, so this looks every WAIT_S. Like every helper it
+        waits for the consumer without a deadline (:mod:`qmpbackup.handoff`): the consumer's
+        own waits (for us, for the image writes holding the views) carry the deadline.
+        """
+        while not self._handoff.closed:
             for buf in self._buffers:
                 try:
                     buf.resize(len(buf))  # BufferError while a view of it exists
@@ -114,7 +117,5 @@ class ExtentPrefetch(PrefetchSource):
             if len(self._buffers) < MAX_BUFFERS:
                 self._buffers.append(mmap.mmap(-1, _PAYLOAD_MAX))
                 return self._buffers[-1]
-            if time.monotonic() > deadline:
-                raise RestoreError(f"restore stalled: no read-ahead buffer was freed for {STALL_S:.0f} s")
             time.sleep(WAIT_S)
         return None

@@ -32,10 +32,9 @@ import errno
 import logging
 import mmap
 import os
-import queue
-import threading
 from pathlib import Path
 
+from qmpbackup.handoff import STALL_S, Handoff, Owner, Stalled
 from qmpbackup.restore.errors import RestoreError
 from qmpbackup.vma import format as fmt
 
@@ -45,28 +44,33 @@ BUFFER_SIZE = 4 << 20
 DIRECT_ALIGN = 4096
 WRITER_THREADS = 3
 BUFFERS = 8
-WRITE_TIMEOUT_S = 300.0  # one 4 MiB write taking longer means the storage is stuck
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
 
 
 class WritePool:
-    """Aligned buffers and writer threads shared by the images of one restore; ``close`` it."""
+    """Aligned buffers and writer threads shared by the images of one restore; ``close`` it.
+
+    The writer threads hand buffers and write slots back through :class:`Handoff`, so the
+    restore waits for them and stalls as every hand-off does (:mod:`qmpbackup.handoff`).
+    """
 
     def __init__(self, threads: int = WRITER_THREADS, buffers: int = BUFFERS) -> None:
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        self._free: Handoff[mmap.mmap] = Handoff(buffers, "image writes", owner=Owner.CONSUMER)
         self._all = [mmap.mmap(-1, BUFFER_SIZE) for _ in range(buffers)]
         for buf in self._all:
             self._free.put(buf)
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="qmpbackup-restore-write")
-        self._vector_slots = threading.BoundedSemaphore(buffers)
+        # A token per write of views in flight: as many as buffers.
+        self._vector_slots: Handoff[int] = Handoff(buffers, "image writes", owner=Owner.CONSUMER)
+        for slot in range(buffers):
+            self._vector_slots.put(slot)
 
     def take(self) -> mmap.mmap:
         """A free buffer; waits for a write to finish when all are in flight."""
-        try:
-            return self._free.get(timeout=WRITE_TIMEOUT_S)
-        except queue.Empty:
-            raise RestoreError(f"image writes stalled for {WRITE_TIMEOUT_S:.0f} s") from None
+        buf = self._free.get()
+        assert buf is not None  # never finished nor closed
+        return buf
 
     def give_back(self, buf: mmap.mmap) -> None:
         self._free.put(buf)
@@ -76,20 +80,20 @@ class WritePool:
 
     def submit_vector(self, views: list[memoryview], offset: int, fd: int) -> concurrent.futures.Future[None]:
         """Write aligned ``views`` at ``offset`` (no copy); waits while as many such writes as buffers are in flight."""
-        if not self._vector_slots.acquire(timeout=WRITE_TIMEOUT_S):
-            raise RestoreError(f"image writes stalled for {WRITE_TIMEOUT_S:.0f} s")
+        slot = self._vector_slots.get()
+        assert slot is not None  # never finished nor closed
         try:
-            return self._executor.submit(self._write_vector, views, offset, fd)
+            return self._executor.submit(self._write_vector, views, offset, fd, slot)
         except BaseException:
-            self._vector_slots.release()
+            self._vector_slots.put(slot)
             raise
 
-    def _write_vector(self, views: list[memoryview], offset: int, fd: int) -> None:
+    def _write_vector(self, views: list[memoryview], offset: int, fd: int, slot: int) -> None:
         try:
             _pwritev_all(fd, views, offset)
         finally:
             views.clear()  # the read-ahead reuses a buffer once no view of it is left
-            self._vector_slots.release()
+            self._vector_slots.put(slot)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -248,9 +252,9 @@ class RawImage:
     def _result(self, future: concurrent.futures.Future[None]) -> None:
         """A write's outcome; an OSError gets this image's path (pwrite errors carry none)."""
         try:
-            future.result(timeout=WRITE_TIMEOUT_S)
+            future.result(timeout=STALL_S)
         except concurrent.futures.TimeoutError:
-            raise RestoreError(f"a write to {self.path} took more than {WRITE_TIMEOUT_S:.0f} s") from None
+            raise Stalled(f"writing {self.path}", STALL_S) from None
         except OSError as exc:
             if exc.filename is None:
                 raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
@@ -283,7 +287,7 @@ class RawImage:
         pending, self._pending = self._pending, []
         for future in pending:
             with contextlib.suppress(Exception):
-                future.result(timeout=WRITE_TIMEOUT_S)
+                future.result(timeout=STALL_S)
         self._release()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
