@@ -1,19 +1,17 @@
-"""Shared helpers for the retention CLI tests (subprocess runs of the real CLI)."""
+"""Shared helpers for the retention CLI tests (runs of the real CLI's main)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.support.cli import run_main_text
 
 
 def qmpbackup(*args: str, tz: str = "UTC") -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, TZ=tz)
-    return subprocess.run(
-        [sys.executable, "-m", "qmpbackup.cli.main", *args],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+    """``qmpbackup ARGS`` with ``TZ=tz``, run in this process (:mod:`tests.support.cli`)."""
+    return run_main_text(*args, env=dict(os.environ, TZ=tz))
 
 
 def assert_usage_error(r: subprocess.CompletedProcess[str], words: str = "") -> None:

@@ -6,12 +6,12 @@ import hashlib
 import os
 import random
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qmpbackup.cli.main import main
+from tests.support.cli import run_main_text
 
 MiB = 1 << 20
 
@@ -77,16 +77,8 @@ def vma_create(archive: Path, disks: Sequence[Disk], conf: str, compress: str = 
 
 
 def cli(*args: str, input_path: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run the real command in a child process (stdin, signals, exit codes as users see them)."""
-    stdin = open(input_path, "rb") if input_path else subprocess.DEVNULL  # noqa: SIM115
-    try:
-        return subprocess.run(
-            [sys.executable, "-m", "qmpbackup.cli.main", *args],
-            stdin=stdin, capture_output=True, text=True, timeout=timeout, env=os.environ.copy(), check=False,
-        )
-    finally:
-        if input_path:
-            stdin.close()  # type: ignore[union-attr]
+    """Run the real command's main in this process (stdin, output, exit codes as users see them)."""
+    return run_main_text(*args, stdin=input_path.read_bytes() if input_path else b"")
 
 
 def qemu_img_compare(a: Path, b: Path, fmt_b: str) -> None:

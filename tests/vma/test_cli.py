@@ -1,4 +1,4 @@
-"""``qmpbackup vma ...`` through a real subprocess: output lines, exit codes, hostile archives."""
+"""``qmpbackup vma ...`` as users run it: output lines, exit codes, hostile archives."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from qmpbackup.vma import CLUSTER_SIZE
 from qmpbackup.vma import format as fmt
+from tests.support.cli import run_main
 from tests.vma.archive_builder import RawExtent, disk_image, raw_archive
 from tests.vma.test_proxmox_sample import SAMPLE
 
@@ -20,10 +21,8 @@ CONFIG = b"memory: 512\n#qmdump#map:scsi0:drive-scsi0:local:raw:\n"
 
 
 def qmpbackup(*args: str | Path, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "qmpbackup.cli.main", "vma", *map(str, args)],
-        input=stdin, capture_output=True, timeout=timeout, check=False,
-    )
+    """``qmpbackup vma ARGS``, run in this process (:mod:`tests.support.cli`)."""
+    return run_main("vma", *args, stdin=stdin or b"")
 
 
 def error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
