@@ -30,13 +30,12 @@ import threading
 import zlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Final, Self, cast
+from typing import IO, Final, Self
 
-import zstandard
 
 from qmpbackup.errors import QmpBackupError, StateError, UsageError
 from qmpbackup.ionice import ThreadIonice, apply_ionice, io_priority
-from qmpbackup.zstd_frames import FrameError, FramedZstdWriter
+from qmpbackup.zstd_frames import FrameError, FramedZstdWriter, FrameTrackingSource
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,11 @@ _COMPRESS_VALUES: Final = {
 
 
 def parse_compress(value: str) -> Compression:
-    """vzdump's ``--compress`` value ("0", "1", "gzip", "lzo", "zstd", and our "none"); UsageError otherwise."""
+    """vzdump's ``compress`` value ("0", "1", "gzip", "lzo", "zstd", and our "none"); UsageError otherwise.
+
+    The one parser of it: the command line, vzdump.conf and jobs.cfg (through
+    :mod:`qmpbackup.jobs.vzdump_conf`) and ``vma create`` accept the same values.
+    """
     try:
         return _COMPRESS_VALUES[value.strip()]
     except KeyError:
@@ -649,146 +652,34 @@ class _PlainDecompressor(Decompressor):
         return self._input.readinto(buffer)
 
 
-class _ZstdFraming:
-    """Follows zstd frame boundaries (RFC 8878 section 3.1) in the compressed bytes.
+class _ZstdDecompressor(Decompressor):
+    """zstd through :class:`~qmpbackup.zstd_frames.FrameTrackingSource`, the one zstd frame parser.
 
-    zstandard's stream_reader returns a clean end of stream when the input stops
-    inside a frame, so truncation would pass unnoticed; this tracks block
-    headers (a few Python operations per block of up to 128 KiB) to tell.
+    It follows the frame and block headers, so a stream cut inside a frame is an error
+    (zstandard's own stream reader would report a clean end), and whole frames are
+    decompressed straight into the caller's buffer by :meth:`readinto`.
     """
 
-    _MAGIC, _FHD, _BLOCK, _SKIPPABLE_SIZE = range(4)
-
-    def __init__(self) -> None:
-        self.frames = 0
-        self.error: str | None = None
-        self._offset = 0
-        self._state = self._MAGIC
-        self._need = 4
-        self._hdr = bytearray()
-        self._skip = 0
-        self._after_skip = self._MAGIC
-        self._checksum = False
-
-    @property
-    def complete(self) -> bool:
-        """At a frame boundary after at least one frame."""
-        return (
-            self.error is None
-            and self.frames > 0
-            and self._state == self._MAGIC
-            and not self._hdr
-            and self._skip == 0
-        )
-
-    def feed(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
-        pos, size = 0, len(view)
-        while pos < size and self.error is None:
-            if self._skip:
-                take = min(self._skip, size - pos)
-                self._skip -= take
-                pos += take
-                if not self._skip:
-                    self._expect(self._after_skip)
-                continue
-            take = min(self._need - len(self._hdr), size - pos)
-            self._hdr += view[pos : pos + take]
-            pos += take
-            if len(self._hdr) == self._need:
-                header, self._hdr = bytes(self._hdr), bytearray()
-                self._header(header, self._offset + pos - len(header))
-        self._offset += size
-
-    def _expect(self, state: int) -> None:
-        self._state = state
-        self._need = {self._MAGIC: 4, self._FHD: 1, self._BLOCK: 3, self._SKIPPABLE_SIZE: 4}[state]
-
-    def _skip_then(self, count: int, state: int) -> None:
-        self._after_skip = state
-        self._skip = count
-        if not count:
-            self._expect(state)
-
-    def _header(self, header: bytes, offset: int) -> None:
-        value = int.from_bytes(header, "little")
-        if self._state == self._MAGIC:
-            if header == ZSTD_MAGIC:
-                self._expect(self._FHD)
-            elif value & 0xFFFFFFF0 == 0x184D2A50:
-                self._expect(self._SKIPPABLE_SIZE)
-            else:
-                self.error = f"no zstd frame at compressed offset {offset}"
-        elif self._state == self._SKIPPABLE_SIZE:
-            self._skip_then(value, self._MAGIC)
-        elif self._state == self._FHD:
-            fcs_flag, single, dict_flag = value >> 6, (value >> 5) & 1, value & 3
-            if value & 0x08:
-                self.error = f"reserved bit set in the zstd frame header at compressed offset {offset}"
-                return
-            self._checksum = bool(value & 0x04)
-            fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
-            self._skip_then((0 if single else 1) + (0, 1, 2, 4)[dict_flag] + fcs_size, self._BLOCK)
-        else:  # block header
-            last, block_type, block_size = value & 1, (value >> 1) & 3, value >> 3
-            if block_type == 3:
-                self.error = f"reserved zstd block type at compressed offset {offset}"
-                return
-            content = 1 if block_type == 1 else block_size
-            if last:
-                self.frames += 1
-                self._skip_then(content + (4 if self._checksum else 0), self._MAGIC)
-            else:
-                self._skip_then(content, self._BLOCK)
-
-
-class _TrackedInput:
-    """Compressed input for zstandard that also feeds the frame tracker."""
-
-    def __init__(self, head: bytes, source: IO[bytes]) -> None:
-        self._input = _HeadThenSource(head, source)
-        self.framing = _ZstdFraming()
-
-    def read(self, n: int = READ_CHUNK) -> bytes:
-        data = self._input.read(n)
-        self.framing.feed(data)
-        return data
-
-
-class _ZstdDecompressor(Decompressor):
     def __init__(self, head: bytes, source: IO[bytes]) -> None:
         super().__init__(Compression.ZSTD)
-        self._input = _TrackedInput(head, source)
-        self._reader = zstandard.ZstdDecompressor().stream_reader(
-            cast(IO[bytes], self._input), read_size=READ_CHUNK, read_across_frames=True, closefd=False
-        )
+        self._frames = FrameTrackingSource(_HeadThenSource(head, source), record=False)
 
     def _next_chunk(self, size: int = READ_CHUNK) -> bytes:
         try:
-            data: bytes = self._reader.read(size)
-        except zstandard.ZstdError as exc:
-            raise CompressError(f"corrupt zstd data: {exc}", program="zstd") from exc
-        self._check(len(data))
-        return data
+            return self._frames.read(size)
+        except FrameError as exc:
+            raise _zstd_error(exc) from exc
 
     def _fill(self, buffer: memoryview) -> int:
         try:
-            n: int = self._reader.readinto(buffer)
-        except zstandard.ZstdError as exc:
-            raise CompressError(f"corrupt zstd data: {exc}", program="zstd") from exc
-        self._check(n)
-        return n
+            return self._frames.readinto(buffer)
+        except FrameError as exc:
+            raise _zstd_error(exc) from exc
 
-    def _check(self, produced: int) -> None:
-        framing = self._input.framing
-        if framing.error is not None:
-            raise CompressError(f"corrupt zstd data: {framing.error}", program="zstd")
-        if not produced and not framing.complete:
-            raise CompressError("truncated zstd data: the input ends inside a frame", program="zstd")
 
-    def _release(self) -> None:
-        with contextlib.suppress(Exception):
-            self._reader.close()  # type: ignore[no-untyped-call]
+def _zstd_error(exc: FrameError) -> CompressError:
+    kind = "truncated" if "truncated" in str(exc) else "corrupt"
+    return CompressError(f"{kind} zstd data: {exc}", program="zstd")
 
 
 class _GzipDecompressor(Decompressor):

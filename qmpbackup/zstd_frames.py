@@ -31,7 +31,7 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import IO, Final, Protocol
 
 import zstandard
 
@@ -54,6 +54,10 @@ _SKIPPABLE_MAGIC: Final = 0x184D2A50
 _U32: Final = struct.Struct("<I")
 _BLOCK_MAX: Final = 128 << 10
 _RAW, _RLE, _COMPRESSED, _RESERVED = range(4)
+
+
+class _Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
 
 
 class FrameError(QmpBackupError):
@@ -192,7 +196,9 @@ class FrameTrackingSource:
 
     :meth:`take_frames` hands out the frames that ended at or before a plain offset.
     Skippable frames are skipped; frames larger than ``keep_limit`` compressed bytes
-    are recorded without their bytes.
+    are recorded without their bytes; with ``record=False`` none are (a plain
+    decompressor: :mod:`qmpbackup.compress` reads every zstd stream through this class).
+    A stream that ends inside a frame, or anything not zstd, raises :class:`FrameError`.
 
     A frame that declares a content size of at most ``MAX_FRAME`` (ours) is taken whole
     and decompressed in one call; any other frame (one stream from the zstd command or
@@ -200,9 +206,10 @@ class FrameTrackingSource:
     measured here, two threads (or zstandard's multi-frame call) were slower than one.
     """
 
-    def __init__(self, raw: IO[bytes], *, keep_limit: int = KEEP_LIMIT) -> None:
+    def __init__(self, raw: IO[bytes] | _Readable, *, keep_limit: int = KEEP_LIMIT, record: bool = True) -> None:
         self._raw = raw
         self._keep_limit = keep_limit
+        self._record = record
         self._rbuf = b""  # compressed input read ahead, from _rpos on not yet parsed
         self._rpos = 0
         self._raw_offset = 0  # input offset of _rbuf[_rpos]
@@ -229,6 +236,26 @@ class FrameTrackingSource:
         chunk = self._buf[self._pos:end] if self._pos or end < len(self._buf) else self._buf
         self._pos = end
         return chunk
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        """Up to ``len(buffer)`` plain bytes into ``buffer``; 0 only at the end.
+
+        A whole frame that fits goes straight from the decompressor into ``buffer``
+        (restore decompresses into page-aligned buffers for O_DIRECT: no copy).
+        """
+        if not len(buffer):
+            return 0
+        while self._pos >= len(self._buf):
+            if self._dobj is None and self._available(1):
+                direct = self._next_frame(buffer)
+                if direct:
+                    return direct
+            elif not self._produce():
+                return 0
+        take = min(len(buffer), len(self._buf) - self._pos)
+        buffer[:take] = memoryview(self._buf)[self._pos:self._pos + take]
+        self._pos += take
+        return take
 
     def take_frames(self, plain_offset: int) -> list[Frame]:
         """Remove and return the recorded frames that end at or before ``plain_offset``."""
@@ -291,8 +318,12 @@ class FrameTrackingSource:
             if self._pos < len(self._buf):
                 return True
 
-    def _next_frame(self) -> None:
-        """Decompress the next frame whole, or start reading it block by block, or skip it."""
+    def _next_frame(self, into: memoryview | None = None) -> int:
+        """Decompress the next frame whole, or start reading it block by block, or skip it.
+
+        A whole frame whose content fits ``into`` is decompressed there: returns its length
+        (else 0, and the output is in ``_buf``).
+        """
         self._need(4, "a frame magic")
         (magic,) = _U32.unpack_from(self._rbuf, self._rpos)
         if magic & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
@@ -305,7 +336,7 @@ class FrameTrackingSource:
                 step = min(size, len(self._rbuf) - self._rpos)
                 self._take(step)
                 size -= step
-            return
+            return 0
         if magic != _MAGIC:
             raise FrameError(f"not a zstd frame at byte {self._raw_offset} (magic {magic:#010x})")
         self._need(5, "a frame header")
@@ -321,7 +352,7 @@ class FrameTrackingSource:
         if content_size > MAX_FRAME:  # also "unknown"
             self._take(header_size)
             self._start_stream(head, bool(checksum))
-            return
+            return 0
         at = header_size
         while True:
             length, last = self._block_at(at)
@@ -330,15 +361,35 @@ class FrameTrackingSource:
                 break
         self._need(at + checksum, "the frame checksum")
         frame = self._take(at + checksum)
+        direct = into is not None and content_size <= len(into)
         try:
-            plain = self._dctx.decompress(frame)
+            if direct:
+                assert into is not None
+                size = self._decompress_into(frame, into[:content_size])
+            else:
+                plain = self._dctx.decompress(frame)
+                size = len(plain)
         except zstandard.ZstdError as exc:
             raise FrameError(f"damaged zstd frame before byte {self._raw_offset}: {exc}") from exc
-        self._frames.append(Frame(self._plain, self._plain + len(plain),
-                                  frame if len(frame) <= self._keep_limit else None,
-                                  self._raw_offset - len(frame), self._raw_offset))
-        self._plain += len(plain)
+        if self._record:
+            self._frames.append(Frame(self._plain, self._plain + size,
+                                      frame if len(frame) <= self._keep_limit else None,
+                                      self._raw_offset - len(frame), self._raw_offset))
+        self._plain += size
+        if direct:
+            return size
         self._buf, self._pos = plain, 0
+        return 0
+
+    def _decompress_into(self, frame: bytes, target: memoryview) -> int:
+        """Decompress the whole ``frame`` into ``target``, which is its declared content size."""
+        with self._dctx.stream_reader(frame, read_size=len(frame)) as reader:
+            got = 0
+            while got < len(target) and (n := reader.readinto(target[got:])):
+                got += n
+            if got < len(target) or reader.read(1):  # (the last read also checks the checksum)
+                raise FrameError(f"zstd frame before byte {self._raw_offset} does not hold its declared size")
+        return got
 
     def _start_stream(self, head: bytes, checksum: bool) -> None:
         self._stream_parts = [head]
@@ -368,9 +419,10 @@ class FrameTrackingSource:
             if not self._dobj.eof:
                 raise FrameError(f"zstd frame ending at byte {self._raw_offset} did not finish")
             parts = self._stream_parts
-            self._frames.append(Frame(self._stream_start, self._plain,
-                                      None if parts is None else b"".join(parts),
-                                      self._stream_raw_start, self._raw_offset, streamed=True))
+            if self._record:
+                self._frames.append(Frame(self._stream_start, self._plain,
+                                          None if parts is None else b"".join(parts),
+                                          self._stream_raw_start, self._raw_offset, streamed=True))
             self._stream_parts = None
             self._dobj = None
 

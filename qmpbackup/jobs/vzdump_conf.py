@@ -24,8 +24,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from qmpbackup.compress import parse_compress
 from qmpbackup.config_text import INT64_MAX, MAX_BWLIMIT_KIB, parse_integer, read_config_text
-from qmpbackup.errors import ConfigError
+from qmpbackup.errors import ConfigError, UsageError
 from qmpbackup.guest_config import check_vmid
 from qmpbackup.jobs.property_string import PropertyStringError, parse_property_string
 from qmpbackup.store.prune import KEEP_ALL, PruneOptions, PruneSpecError, from_maxfiles, parse_prune_spec
@@ -154,8 +155,11 @@ def _enum(*choices: str) -> Callable[[str], str]:
 
 
 def _compress(text: str) -> str:
-    value = _enum("0", "1", "gzip", "lzo", "zstd")(text)
-    return {"0": "none", "1": "lzo"}.get(value, value)
+    """The one parser of compress values (:func:`qmpbackup.compress.parse_compress`), as a Compression value."""
+    try:
+        return parse_compress(text).value
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _text(text: str) -> str:
