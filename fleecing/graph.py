@@ -1,4 +1,4 @@
-"""The per-drive fleecing graph, built and torn down in the proven order (qemu-qmp.md 4.1, 4.7).
+"""The per-drive fleecing graph, built and torn down in the proven order.
 
 ::
 

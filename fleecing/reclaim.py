@@ -2,11 +2,11 @@
 
 QEMU >= 9.1: the backup job does it (``discard-source: true``, :func:`job_extra`); its
 cluster must be at least the fleecing image's cluster (``x-perf.min-cluster-size``,
-QEMU >= 9.2), otherwise the discards do not free whole clusters (anchors.md B.5).
+QEMU >= 9.2), otherwise the discards do not free whole clusters.
 
 Older QEMU (7.2): a second ``snapshot-access`` node on the same filter, exported through
 QEMU's own NBD server on a private socket, and TRIMs there for what our endpoint has
-already received (qemu-qmp.md 4.5). TRIMs on the node the job reads are silently lost,
+already received. TRIMs on the node the job reads are silently lost,
 hence the second node. Every TRIM is aligned to ``max(64 KiB, fleecing cluster, the
 filter's copy-bitmap granularity)``; only the last one may end at the disk's end: an
 unaligned TRIM aborts QEMU 7.2 (pitfall 1). :class:`TrimReclaimer.received` is called

@@ -1,6 +1,6 @@
 """One guest's backup, in vzdump's order, with vzdump's log lines.
 
-The order (anchors.md B.3/B.4): status → include/exclude lines → the archive's
+The order (vzdump's): status → include/exclude lines → the archive's
 ``qemu-server.conf`` → open the archive and our NBD endpoint → NBD target
 nodes in QEMU → freeze (snapshot mode, agent configured and answering) → all
 drive jobs started in one ``transaction`` → thaw at once → resume (suspend

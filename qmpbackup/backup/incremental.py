@@ -276,7 +276,7 @@ class IncrementalPlan:
         """Fleecing, after the snapshot point: the job reads the snapshot-access node (key → node).
 
         A job's bitmap must live on its source node, so each base is copied into a disabled
-        bitmap there (qemu-qmp.md 5.3); the copy goes with the node. The base itself stays
+        bitmap there; the copy goes with the node. The base itself stays
         enabled and untouched: after a failure it still covers every change.
         """
         for d in self.incremental:

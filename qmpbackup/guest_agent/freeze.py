@@ -8,7 +8,7 @@ connection dropping (a disconnect never counts as a thaw: we reconnect and
 thaw, and check the status). If the guest cannot be thawed, GuestThawError is
 raised: loud, and never hidden behind the block's own error.
 
-The bounds follow vzdump (anchors.md B.4): guest-ping 3 s; a guest that does
+The bounds are vzdump's: guest-ping 3 s; a guest that does
 not answer is backed up without a freeze ("agent configured but not running?");
 guest-fsfreeze-freeze gets 600 s, then up to 5 guest-fsfreeze-status polls of 600 s
 each must see "frozen", otherwise we give up; guest-fsfreeze-thaw gets 180 s.

@@ -5,7 +5,7 @@ run (journal replay, ``cleanup``) recognises leftovers with :func:`parse_name` e
 the journal is gone. Nothing else in the code base builds such strings.
 
 QEMU limits node names to 31 characters, starting with a letter, made of
-``[A-Za-z0-9_.-]`` (qemu-qmp.md, pitfall 7). When the full form of a node name is
+``[A-Za-z0-9_.-]`` (it refuses longer ones at blockdev-add). When the full form of a node name is
 longer, the VM id is left out (``qmpbackup-<key>-<role>``): a node name only has to be
 unique inside the VM's own QEMU process, so the id adds nothing there.
 """

@@ -48,7 +48,7 @@ MAX_BLOB_SIZE: Final = 65535
 # F5: extents.
 EXTENT_MAGIC: Final = b"VMAE"
 EXTENT_HEADER_SIZE: Final = 512
-EXTENT_SLOTS: Final = 59  # cluster slots per extent header (vma.h calls it BLOCKS_PER_EXTENT)
+EXTENT_SLOTS: Final = 59  # cluster slots per extent header (Proxmox's C code calls it BLOCKS_PER_EXTENT)
 WRITER_SLOTS: Final = 58  # Proxmox's writer flushes at 58 used slots; so do we
 MAX_EXTENT_BLOCKS: Final = EXTENT_SLOTS * BLOCKS_PER_CLUSTER  # 944
 MAX_EXTENT_SIZE: Final = EXTENT_HEADER_SIZE + EXTENT_SLOTS * CLUSTER_SIZE  # 3867136

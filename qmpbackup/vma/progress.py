@@ -1,6 +1,6 @@
 """``-v`` progress of ``vma create`` and ``vma extract``, in the Proxmox tool's line formats.
 
-The counters follow the C tool's definitions (vma-format.md B.1), so the
+The counters follow the definitions of Proxmox's C tool, so the
 numbers in the lines mean the same as Proxmox's; the lines go to an ``emit``
 callback (the CLI prints them: create to stderr, extract to stdout, as the C
 tool does). A progress line is emitted only when the whole percentage

@@ -1,4 +1,4 @@
-"""``vma extract -r FIFO``: the device mapping lines qmrestore writes (vma-format.md B.3).
+"""``vma extract -r FIFO``: the device mapping lines qmrestore writes.
 
 One line per device, options first, each ``NAME=VALUE:``, in any order, then
 the write-zeroes flag and the target::

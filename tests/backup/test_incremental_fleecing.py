@@ -1,6 +1,6 @@
 """The fleecing hook of the incremental plan, on real QEMU (QMP level, a file as job target).
 
-The graph is built by hand as in qemu-qmp.md 4.1, in the fleecing package's order (the
+The graph is built by hand as fleecing/graph.py builds it, in the fleecing package's order (the
 filter is added first, the snapshot point comes later): the new bitmap starts before the
 snapshot point, the job reads the snapshot-access node through a frozen copy of the base.
 The target file must then hold exactly the clusters changed before the snapshot point,

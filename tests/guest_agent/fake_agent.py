@@ -1,7 +1,7 @@
 """A qemu-ga stand-in on a unix socket, for fast tests of the client's protocol rules.
 
-It copies the behaviour the real agent showed (guest-image.md, "QGA protocol
-notes"): a 0xFF resets the parser and is answered with a JSON parse error;
+It copies the behaviour the real agent showed in the test guest: a 0xFF resets
+the parser and is answered with a JSON parse error;
 commands run one at a time; a reply produced after its client left is
 delivered to the next client; freeze state outlives connections; a second
 freeze while frozen is refused. Knobs let tests delay, fail, hang or cut the

@@ -1,4 +1,4 @@
-"""Every upstream calendar-event vector (proxmox-time test.rs, pve-common calendar_event_test.pl)."""
+"""Every upstream calendar-event vector (the test suites of proxmox-time and pve-common)."""
 
 from __future__ import annotations
 

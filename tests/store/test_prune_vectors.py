@@ -1,4 +1,4 @@
-"""Every upstream prune vector (PBS tests/prune.rs, pve-storage prune_backups_test.pm) passes."""
+"""Every upstream prune vector (the test suites of Proxmox Backup Server and pve-storage) passes."""
 
 from __future__ import annotations
 
