@@ -271,7 +271,7 @@ class FrameTrackingSource:
         have = len(self._rbuf) - self._rpos
         if have >= n:
             return True
-        parts = [self._rbuf[self._rpos:]]
+        parts = [self._rbuf[self._rpos:]] if have else []  # (joining one part does not copy it)
         while have < n:
             more = self._raw.read(max(RAW_CHUNK, n - have))
             if not more:
@@ -288,6 +288,13 @@ class FrameTrackingSource:
 
     def _take(self, n: int) -> bytes:
         data = self._rbuf[self._rpos:self._rpos + n]
+        self._rpos += n
+        self._raw_offset += n
+        return data
+
+    def _take_view(self, n: int) -> memoryview:
+        """:meth:`_take` without the copy, for bytes that are not kept."""
+        data = memoryview(self._rbuf)[self._rpos:self._rpos + n]
         self._rpos += n
         self._raw_offset += n
         return data
@@ -360,7 +367,8 @@ class FrameTrackingSource:
             if last:
                 break
         self._need(at + checksum, "the frame checksum")
-        frame = self._take(at + checksum)
+        kept = self._take(at + checksum) if self._record and at + checksum <= self._keep_limit else None
+        frame = kept if kept is not None else self._take_view(at + checksum)
         direct = into is not None and content_size <= len(into)
         try:
             if direct:
@@ -373,7 +381,7 @@ class FrameTrackingSource:
             raise FrameError(f"damaged zstd frame before byte {self._raw_offset}: {exc}") from exc
         if self._record:
             self._frames.append(Frame(self._plain, self._plain + size,
-                                      frame if len(frame) <= self._keep_limit else None,
+                                      kept,
                                       self._raw_offset - len(frame), self._raw_offset))
         self._plain += size
         if direct:
@@ -381,7 +389,7 @@ class FrameTrackingSource:
         self._buf, self._pos = plain, 0
         return 0
 
-    def _decompress_into(self, frame: bytes, target: memoryview) -> int:
+    def _decompress_into(self, frame: bytes | memoryview, target: memoryview) -> int:
         """Decompress the whole ``frame`` into ``target``, which is its declared content size."""
         with self._dctx.stream_reader(frame, read_size=len(frame)) as reader:
             got = 0
