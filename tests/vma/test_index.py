@@ -22,13 +22,14 @@ from qmpbackup.vma.index import (
     sidecar_path,
 )
 from qmpbackup.vma.random_access import ArchiveDevices, RandomAccessError
+from tests.support.cli import run_main_text
 
 PVE_VMA = os.environ.get("QMPBACKUP_PVE_VMA")
 
 
 def qmpbackup(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", *map(str, args)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    """``qmpbackup ARGS``, run in this process (:mod:`tests.support.cli`)."""
+    return run_main_text(*args)
 
 
 def _image(path: Path, size: int, seed: int) -> bytes:
