@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from qmpbackup.jobs.storage_cfg import (
     restore_bwlimit_kib,
     storage_for_dir,
 )
+from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 from qmpbackup.restore import RestoreOptions, restore
+from qmpbackup.restore.live import live_restore
 from qmpbackup.restore.malloc_tuning import keep_large_buffers
 
 
@@ -42,6 +45,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--unique", action="store_true", help="give the copy new MAC addresses and a new SMBIOS uuid")
     p.add_argument("--start", action="store_true",
                    help="start the VM afterwards with the 'start:' command of its definition")
+    p.add_argument("--live", action="store_true",
+                   help="start the VM at once on empty qcow2 images backed by the archive, and copy the disks "
+                   "while it runs (needs an archive with an index: .vma or our .vma.zst)")
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",
+                   help=f"--live: where the archive's export socket and the VM's sockets live "
+                   f"(default {DEFAULT_RUN_DIR})")
     p.set_defaults(run=run)
 
 
@@ -58,7 +67,7 @@ def _bwlimit_kib(args: argparse.Namespace, ctx: Context) -> int:
     return restore_bwlimit_kib(involved)
 
 
-def run(args: argparse.Namespace, ctx: Context) -> int:
+def run(args: argparse.Namespace, ctx: Context) -> int | Coroutine[Any, Any, int]:
     opts = RestoreOptions(
         archive=args.archive,
         vmid=check_vmid(args.vmid),
@@ -71,6 +80,13 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         unique=args.unique,
         start=args.start,
     )
+    if args.live:
+        return _live(opts, args.run_dir)
     keep_large_buffers()
     restore(opts)
+    return 0
+
+
+async def _live(opts: RestoreOptions, run_dir: Path) -> int:
+    await live_restore(opts, run_dir)
     return 0

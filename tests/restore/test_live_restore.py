@@ -1,0 +1,99 @@
+"""restore --live: the test guest runs from its own archive while its disk is copied.
+
+The copy is held back with --bwlimit so that the guest answers (and writes) before it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qmpbackup.cli.main import main
+from qmpbackup.guest_agent import GuestAgentClient
+from tests.support.guest import GuestImage, guest_image  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.timeout(900)]
+
+PAYLOAD = os.urandom(48 << 20)
+
+
+def _archive(tmp_path: Path, image: GuestImage) -> Path:
+    src = tmp_path / "src"
+    (src / "keep").mkdir(parents=True)
+    (src / "keep" / "payload.bin").write_bytes(PAYLOAD)
+    data = tmp_path / "data.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(data), "96M"], check=True, capture_output=True)
+    append = "console=ttyS0 quiet panic=-1 guest.data=/dev/vda guest.writer=0"
+    conf = tmp_path / "qemu-server.conf"
+    conf.write_text(f"name: live\nmemory: 128\nmachine: q35\nagent: 1\nvirtio0: local:100/vm-100-disk-0.raw,size=96M\n"
+                    f"args: -kernel {image.vmlinuz} -initrd {image.initrd} -append '{append}'\n"
+                    "#qmdump#map:virtio0:drive-virtio0:local:raw:\n")
+    archive = tmp_path / "vzdump-qemu-100-2026_12_04-10_00_00.vma.zst"
+    assert main(["vma", "create", str(archive), "-c", str(conf), "--compress", "zstd",
+                 "-d", f"format=raw:drive-virtio0={data}"]) == 0
+    return archive
+
+
+async def _agent_call(sock: Path, command: str, args: dict[str, object] | None = None) -> object:
+    async with GuestAgentClient(str(sock)) as agent:
+        return await agent.execute(command, args)
+
+
+def test_live_restore_serves_the_guest_while_copying(tmp_path: Path, guest_image: GuestImage,  # noqa: F811
+                                                      isolated_config: Path) -> None:
+    archive = _archive(tmp_path, guest_image)
+    target, run_dir = tmp_path / "images", tmp_path / "run"
+    target.mkdir()
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "qmpbackup.cli.main", "restore", str(archive), "100", "--live",
+                             "--target-dir", str(target), "--run-dir", str(run_dir), "--bwlimit", "1024"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    qga = run_dir / "vms" / "100" / "qga.sock"
+    answered = None
+    try:
+        while time.monotonic() - started < 240 and proc.poll() is None:
+            if qga.exists():
+                try:
+                    asyncio.run(_agent_call(qga, "guest-ping"))
+                    answered = time.monotonic() - started
+                    break
+                except Exception:
+                    pass
+            time.sleep(0.5)
+        assert answered is not None and proc.poll() is None, "the guest did not answer during the copy"
+
+        async def write_file() -> None:
+            async with GuestAgentClient(str(qga)) as agent:
+                handle = await agent.execute("guest-file-open", {"path": "/mnt/data/live.txt", "mode": "w"})
+                await agent.execute("guest-file-write", {"handle": handle,
+                                                         "buf-b64": base64.b64encode(b"written live\n").decode()})
+                await agent.execute("guest-file-flush", {"handle": handle})
+                await agent.execute("guest-file-close", {"handle": handle})
+
+        asyncio.run(write_file())
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert "the VM was up" in err and "progress 100%" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "stop", "100", "--run-dir", str(run_dir),
+                        "--timeout", "60"], capture_output=True, timeout=120)
+    image = target / "vm-100-disk-0.qcow2"
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "backing-filename" not in info
+    raw = tmp_path / "restored.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    assert subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True).returncode == 0
+    dump = subprocess.run(["debugfs", "-R", "cat /keep/payload.bin", str(raw)], capture_output=True, check=True)
+    assert dump.stdout == PAYLOAD
+    live = subprocess.run(["debugfs", "-R", "cat /live.txt", str(raw)], capture_output=True, check=True)
+    assert live.stdout == b"written live\n"
