@@ -94,7 +94,7 @@ def test_errors_name_file_and_line(tmp_path: Path, text: str, line: int, message
 def test_missing_definition_and_bad_vmid(isolated_config: Path) -> None:
     with pytest.raises(ConfigError, match=r"guests/555.conf: VM 555 has no guest definition"):
         load_guest(isolated_config, 555)
-    with pytest.raises(ConfigError, match="outside 100..999999999"):
+    with pytest.raises(ConfigError, match="out of range 100..999999999"):
         parse_guest("", 99)
 
 
