@@ -62,6 +62,7 @@ class Disks:
 
     def __init__(self) -> None:
         self._lvm_done = False
+        self._lvm_error = ""
         self._volumes: dict[str, dict[str, Volume]] = {}
 
     def drives(self) -> dict[str, tuple[str, int]]:
@@ -114,7 +115,9 @@ class Disks:
             return []
         if not self._lvm_done:
             self._lvm_done = True
-            _run([LVM, "vgchange", "-ay", "--sysinit", "--readonly"], timeout=120)
+            os.makedirs("/run/lvm", exist_ok=True)
+            res = _run([LVM, "vgchange", "-ay", "--sysinit", "--ignorelockingfailure"], timeout=120)
+            self._lvm_error = (res.stderr.strip().splitlines() or [""])[-1]
         res = _run([LVM, "lvs", "--readonly", "--noheadings", "--separator", "|", "--units", "b",
                     "--nosuffix", "-o", "vg_name,lv_name,lv_size,devices,lv_path"])
         result = []
@@ -127,6 +130,10 @@ class Disks:
             if os.path.basename(first).rstrip("0123456789").rstrip("p") != kname:
                 continue
             device = path if os.path.exists(path) else f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+            if not os.path.exists(device):
+                result.append(Volume(f"lv/{vg}-{lv}", device, None, int(float(size or 0)),
+                                     f"not activated: {self._lvm_error or 'no device node'}"))
+                continue
             result.append(self._volume(f"lv/{vg}-{lv}", device, int(float(size or 0))))
         return result
 

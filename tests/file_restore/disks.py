@@ -76,3 +76,54 @@ def make_disk(path: Path, parts: list[Part], label: str = "gpt") -> None:
             make_fs(fs, part)
             _run("dd", f"if={fs}", f"of={path}", "bs=1M", f"seek={entry['start'] * sector}",
                  "oflag=seek_bytes", "conv=notrunc,sparse")
+
+
+_LV_SECTION = """
+\tlogical_volumes {{
+\t\t{lv} {{
+\t\t\tid = "qmpbac-kupt-estl-vlvm-test-0000-000001"
+\t\t\tstatus = ["READ", "WRITE", "VISIBLE"]
+\t\t\tflags = []
+\t\t\tsegment_count = 1
+\t\t\tsegment1 {{
+\t\t\t\tstart_extent = 0
+\t\t\t\textent_count = {extents}
+\t\t\t\ttype = "striped"
+\t\t\t\tstripe_count = 1
+\t\t\t\tstripes = ["pv0", 0]
+\t\t\t}}
+\t\t}}
+\t}}
+"""
+
+
+def make_lvm_disk(path: Path, vg: str, lv: Part) -> None:
+    """A whole-disk LVM PV with one linear LV ``lv`` (named ``root``) holding ``lv``'s file system.
+
+    This host has no device-mapper, so the LV is never activated here: its metadata is written
+    with vgcfgrestore and its file system copied to where the LV's first extent lies.
+    """
+    env = dict(os.environ, LVM_SUPPRESS_FD_WARNINGS="1")
+    with open(path, "wb") as f:
+        f.truncate((lv.size_mb + 8) * MiB)
+    loop = subprocess.run(["losetup", "-f", "--show", str(path)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = Path(tmp) / "meta"
+            for cmd in (["pvcreate", "-q", loop], ["vgcreate", "-q", "-s", "4M", vg, loop],
+                        ["vgcfgbackup", "-q", "-f", str(meta), vg]):
+                subprocess.run(cmd, check=True, capture_output=True, env=env)
+            text = meta.read_text()
+            end = text.rindex("\n}")
+            meta.write_text(text[:end] + _LV_SECTION.format(lv="root", extents=lv.size_mb // 4) + text[end:])
+            subprocess.run(["vgcfgrestore", "-q", "-f", str(meta), vg], check=True, capture_output=True, env=env)
+            pe_start = int(subprocess.run(["pvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start",
+                                           loop], check=True, capture_output=True, text=True, env=env).stdout)
+            subprocess.run(["vgchange", "-an", vg], capture_output=True, env=env, check=False)
+            fs = Path(tmp) / "lv"
+            make_fs(fs, lv)
+            _run("dd", f"if={fs}", f"of={path}", "bs=1M", f"seek={pe_start}", "oflag=seek_bytes",
+                 "conv=notrunc,sparse")
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qmpbackup.cli.main import main
-from tests.file_restore.disks import Part, make_disk
+from tests.file_restore.disks import Part, make_disk, make_lvm_disk
 
 pytestmark = pytest.mark.qemu
 
@@ -54,11 +54,15 @@ def archive(workdir: Path) -> Path:
     disk1 = workdir / "disk1.raw"
     from tests.file_restore.disks import make_fs
     make_fs(disk1, Part(33, "ext4", files={"hello.txt": b"whole disk\n"}))
+    disk2 = workdir / "disk2.raw"
+    make_lvm_disk(disk2, "vg0", Part(32, "ext4", files={"lvm.txt": b"inside an LV\n"}))
     conf = workdir / "qemu-server.conf"
-    conf.write_text(f"name: fr\nscsi0: x:0,size={disk0.stat().st_size}\nvirtio1: x:1,size={disk1.stat().st_size}\n")
+    conf.write_text(f"name: fr\nscsi0: x:0,size={disk0.stat().st_size}\nvirtio1: x:1,size={disk1.stat().st_size}\n"
+                    f"virtio2: x:2,size={disk2.stat().st_size}\n")
     out = workdir / "vzdump-qemu-100-2026_12_04-10_00_00.vma.zst"
     assert main(["vma", "create", str(out), "-c", str(conf), "--compress", "zstd",
-                 "-d", f"format=raw:drive-scsi0={disk0}", "-d", f"format=raw:drive-virtio1={disk1}"]) == 0
+                 "-d", f"format=raw:drive-scsi0={disk0}", "-d", f"format=raw:drive-virtio1={disk1}",
+                 "-d", f"format=raw:drive-virtio2={disk2}"]) == 0
     return out
 
 
@@ -87,7 +91,7 @@ def test_top_level_lists_the_drives(fr: list[str], archive: Path) -> None:
     res = run(fr, archive, "list", "/")
     assert res.returncode == 0, res.stderr
     names = [line.split("\t")[0] for line in res.stdout.decode().splitlines()]
-    assert names == ["drive-scsi0", "drive-virtio1"]
+    assert names == ["drive-scsi0", "drive-virtio1", "drive-virtio2"]
 
 
 def test_drive_lists_volumes_and_reports_the_broken_ones(fr: list[str], archive: Path) -> None:
@@ -155,3 +159,13 @@ def test_a_missing_path_fails_with_its_name(fr: list[str], archive: Path, tmp_pa
     assert not list(out.iterdir())  # no partial file
     res = run(fr, archive, "list", "drive-sata9")
     assert res.returncode == 1 and b"drive-sata9: no such drive" in res.stderr
+
+
+def test_logical_volumes_are_listed_and_read(fr: list[str], archive: Path) -> None:
+    top = run(fr, archive, "list", "drive-virtio2", "--output-format", "json")
+    assert top.returncode == 0, top.stderr
+    assert {"name": "lv", "type": "dir", "size": 0} in json.loads(top.stdout)
+    lvs = run(fr, archive, "list", "drive-virtio2/lv", "--output-format", "json")
+    assert [(v["name"], v["fstype"]) for v in json.loads(lvs.stdout)] == [("vg0-root", "ext4")], lvs.stderr
+    got = run(fr, archive, "extract", "drive-virtio2/lv/vg0-root/lvm.txt", "-")
+    assert got.returncode == 0 and got.stdout == b"inside an LV\n", got.stderr
