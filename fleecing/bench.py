@@ -42,7 +42,7 @@ from fleecing.storage import fleecing_storage, plan_fleecing
 from qmpbackup.backup.blockjobs import attach_targets, detach_targets, plan_jobs, run_jobs
 from qmpbackup.errors import QmpBackupError
 from qmpbackup.jobs.storage_cfg import parse_storage_cfg
-from qmpbackup.journal import Journal
+from qmpbackup.recovery.journal import Journal
 from qmpbackup.nbd import Export, NbdServer
 from qmpbackup.qemu.capabilities import probe
 from qmpbackup.qemu.discovery import discover_disks

@@ -15,7 +15,7 @@ The TRIM path must be up *before* the jobs start: adding a node drains all I/O, 
 a job writing into a slow target that drain lasts until the target took every request in
 flight (1.5 s measured at 10 MiB/s), stalling QMP and the guest's I/O meanwhile.
 
-Everything is journaled; :func:`fleecing.graph.undo_steps` replays it after a crash.
+Everything is journaled; :mod:`qmpbackup.recovery.steps` replays it after a crash.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fleecing.images import next_free_image
 from fleecing.reclaim import QemuNbdServer, ReclaimingConsumer, TrimReclaimer, job_extra, needs_trim_path
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FleecingPlan
-from qmpbackup.journal import Journal
+from qmpbackup.recovery.journal import Journal
 from qmpbackup.nbd.export import ExportConsumer
 from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.discovery import Disk

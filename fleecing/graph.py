@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,20 +31,16 @@ from fleecing.errors import GraphError
 from fleecing.images import FleecingImage, create_image, free_image, image_exists
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FleecingPlan
-from qmpbackup.qemu.nodes import KIND_BLOCKDEV, delete_node, node_exists
-from qmpbackup.journal import Entry, Journal, Undo
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.discovery import Disk
 from qmpbackup.qemu.errors import QmpCommandError
+from qmpbackup.qemu.nodes import delete_node, node_exists
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal
 
 log = logging.getLogger(__name__)
-
-KIND_IMAGE = "fleecing-image"  # data: FleecingImage.as_record()
-KIND_DRIVE = "drive-filter"  # data: qdev, qom_path, original, filter
-KIND_EXPORT = "block-export"  # data: id
-KIND_NBD_SERVER = "nbd-server"  # data: socket
 
 #: Proxmox's value: VirtIO-win drivers time guest I/O out at 60 s; give up a bit before.
 CBW_TIMEOUT_S = 45
@@ -106,12 +102,18 @@ async def set_device_node(session: QmpSession, qdev: str, qom_path: str, node: s
 
 
 async def restore_device(session: QmpSession, data: Mapping[str, Any]) -> None:
-    """Give the device its original node back if our filter still sits there (undo of KIND_DRIVE)."""
+    """Give the device its original node back if our filter still sits there (undo of ``drive-filter``).
+
+    A filter node that no longer exists counts as undone: whatever the device uses now
+    (its QEMU was restarted, someone else changed it) is not ours to change.
+    """
     qdev, original, filter_node = str(data["qdev"]), str(data["original"]), str(data["filter"])
     now = await current_node(session, qdev)
     if now is None or now == original:
         return
     if now != filter_node:
+        if not await node_exists(session, filter_node):
+            return
         raise GraphError(f"device {qdev} is on node {now!r}, neither ours ({filter_node}) nor its own ({original})")
     await set_device_node(session, qdev, str(data["qom_path"]), original)
     log.info("device %s is back on node %s", qdev, original)
@@ -142,36 +144,6 @@ async def stop_nbd_server(session: QmpSession) -> None:
             raise
 
 
-def undo_steps(session: QmpSession | None, runner: Runner = run_command) -> dict[str, Undo]:
-    """Journal cleanup steps for what fleecing creates (``blockdev`` nodes: see blockjobs).
-
-    With ``session`` None the VM's QEMU is gone: its nodes, exports and devices went with
-    it, so only images are removed.
-    """
-
-    async def undo_image(entry: Entry) -> None:
-        await free_image(FleecingImage.from_record(entry.data), runner)
-
-    async def undo_drive(entry: Entry) -> None:
-        if session is not None:
-            await restore_device(session, entry.data)
-
-    async def undo_export(entry: Entry) -> None:
-        if session is not None:
-            await delete_export(session, str(entry.data["id"]))
-
-    async def undo_server(entry: Entry) -> None:
-        if session is not None:
-            await stop_nbd_server(session)
-
-    async def undo_blockdev(entry: Entry) -> None:
-        if session is not None:
-            await delete_node(session, str(entry.data["node"]))
-
-    return {KIND_IMAGE: undo_image, KIND_DRIVE: undo_drive, KIND_EXPORT: undo_export,
-            KIND_NBD_SERVER: undo_server, KIND_BLOCKDEV: undo_blockdev}
-
-
 class GraphState(enum.Enum):
     NEW = "new"
     PREPARED = "prepared"  # image, fleece nodes and cbw exist; the device is unchanged
@@ -196,9 +168,8 @@ class DriveFleecing:
         self.bitmap = dict(bitmap) if bitmap else None
         self.cbw_timeout_s = cbw_timeout_s
         self.no_flush = no_flush
-        self._entries: list[Entry] = []
+        self._entries: list[tuple[Entry, Callable[[], Awaitable[None]]]] = []
         self._state = GraphState.NEW
-        self._undo = undo_steps(session, runner)
 
     def __repr__(self) -> str:
         return f"<DriveFleecing vm{self.vmid} {self.disk.key} {self._state.value}>"
@@ -216,21 +187,26 @@ class DriveFleecing:
         """The node the backup job reads (the snapshot)."""
         return self.names.snap
 
-    def _record(self, kind: str, **data: Any) -> Entry:
+    def _record(self, kind: kinds.Kind, undo: Callable[[], Awaitable[None]], **data: Any) -> Entry:
+        """Journal a resource about to be created, with the step that undoes it (same as cleanup's)."""
         entry = self.journal.record(kind, **data)
-        self._entries.append(entry)
+        self._entries.append((entry, undo))
         return entry
 
     def _forget(self, entry: Entry) -> None:
         self.journal.resolve(entry)
-        self._entries.remove(entry)
+        self._entries = [(e, u) for e, u in self._entries if e is not entry]
 
     async def _add_node(self, args: dict[str, Any]) -> None:
-        entry = self._record(KIND_BLOCKDEV, node=args["node-name"])
+        node = str(args["node-name"])
+        if await node_exists(self.session, node):  # an earlier run's: never record (and so delete) it as ours
+            raise GraphError(f"node {node} already exists in QEMU (left by an earlier run? "
+                             f"'qmpbackup cleanup {self.vmid}' removes it)")
+        entry = self._record(kinds.BLOCKDEV, lambda: delete_node(self.session, node), node=node)
         try:
             await self.session.execute("blockdev-add", args)
         except QmpCommandError:
-            if not await node_exists(self.session, str(args["node-name"])):
+            if not await node_exists(self.session, node):
                 self._forget(entry)  # QEMU said no: nothing was created
             raise
 
@@ -267,7 +243,7 @@ class DriveFleecing:
         self._set_state(GraphState.FAILED)
         if await image_exists(self.image, self.runner):  # never record (and so delete) a stranger's image
             raise GraphError(f"fleecing image {self.image.path} already exists")
-        self._record(KIND_IMAGE, **self.image.as_record())
+        self._record(kinds.FLEECING_IMAGE, lambda: free_image(self.image, self.runner), **self.image.as_record())
         await create_image(self.image, self.plan, self.runner, self.qemu_img)
         proto, fmt = self.fleece_args()
         await self._add_node(proto)
@@ -284,8 +260,9 @@ class DriveFleecing:
         if now != self.disk.top_node:
             raise GraphError(f"device {self.disk.qdev} is on node {now!r}, expected {self.disk.top_node!r}:"
                              " its graph changed since discovery")
-        self._record(KIND_DRIVE, qdev=self.disk.qdev, qom_path=self.disk.qom_path,
-                     original=self.disk.top_node, filter=self.names.cbw)
+        data = {"qdev": self.disk.qdev, "qom_path": self.disk.qom_path, "original": self.disk.top_node,
+                "filter": self.names.cbw}
+        self._record(kinds.DRIVE_FILTER, lambda: restore_device(self.session, data), **data)
         await set_device_node(self.session, self.disk.qdev, self.disk.qom_path, self.names.cbw)
         await self._add_node({"driver": "snapshot-access", "node-name": self.names.snap,
                               "file": self.names.cbw, "discard": "unmap"})
@@ -295,9 +272,9 @@ class DriveFleecing:
         """Undo everything this drive created, newest first; safe twice. Leaves failures pending
         in the journal (and raises the first) so the next run retries."""
         first: BaseException | None = None
-        for entry in reversed(list(self._entries)):
+        for entry, undo in reversed(list(self._entries)):
             try:
-                await self._undo[entry.kind](entry)
+                await undo()
             except Exception as exc:  # keep going: the rest may still come down
                 log.warning("fleecing teardown %s %s: %s", entry.kind, dict(entry.data), exc)
                 first = first or exc

@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fleecing.errors import FleecingError
-from fleecing.graph import KIND_EXPORT, KIND_NBD_SERVER, DriveFleecing, delete_export, stop_nbd_server
+from fleecing.graph import DriveFleecing, delete_export, stop_nbd_server
 from fleecing.nbd_client import NbdClient, NbdClientError
-from qmpbackup.qemu.nodes import KIND_BLOCKDEV, delete_node
-from qmpbackup.journal import Entry, Journal
 from qmpbackup.nbd.export import ExportConsumer
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.errors import QmpCommandError
+from qmpbackup.qemu.nodes import delete_node
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class QemuNbdServer:
         self._entry: Entry | None = None
 
     async def start(self) -> None:
-        self._entry = self.journal.record(KIND_NBD_SERVER, socket=str(self.socket))
+        self._entry = self.journal.record(kinds.NBD_SERVER, socket=str(self.socket))
         try:
             await self.session.execute("nbd-server-start",
                                        {"addr": {"type": "unix", "data": {"path": str(self.socket)}}})
@@ -133,11 +134,11 @@ class TrimReclaimer:
         g = self.graph
         self.alignment = max(BLOCK, g.image.cluster_size, await copy_granularity(self.session, g.disk.top_node))
         self.set_alignment(self.alignment)
-        entry = self.journal.record(KIND_BLOCKDEV, node=self.node)
+        entry = self.journal.record(kinds.BLOCKDEV, node=self.node)
         self._entries.append(entry)
         await self.session.execute("blockdev-add", {"driver": "snapshot-access", "node-name": self.node,
                                                     "file": g.names.cbw, "discard": "unmap"})
-        self._entries.append(self.journal.record(KIND_EXPORT, id=self.export_id))
+        self._entries.append(self.journal.record(kinds.BLOCK_EXPORT, id=self.export_id))
         await self.session.execute("block-export-add", {"type": "nbd", "id": self.export_id,
                                                         "node-name": self.node, "name": self.export_id,
                                                         "writable": True})
@@ -243,7 +244,7 @@ class TrimReclaimer:
             await self._client.close()
             self._client = None
         for entry in reversed(list(self._entries)):
-            if entry.kind == KIND_EXPORT:
+            if entry.kind == kinds.BLOCK_EXPORT.name:
                 await delete_export(self.session, str(entry.data["id"]))
             else:
                 await delete_node(self.session, str(entry.data["node"]))

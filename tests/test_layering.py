@@ -1,5 +1,9 @@
 """Data flows one way: CLI → jobs → backup → (qemu, guest_agent, fleecing) → nbd → vma → compress.
 
+Recovery sits beside backup: its undo table, replay and cleanup use qemu, guest_agent and
+fleecing; its record-keeping modules (journal, kinds, state, spawn records, instance, host
+files) are leaves that everyone below may use.
+
 This test reads every module's imports and fails on an edge that goes the wrong way, so the
 layering in README.md's layout stays true.
 """
@@ -29,6 +33,9 @@ def _modules(folder: str) -> list[Path]:
     return sorted((ROOT / folder).rglob("*.py"))
 
 
+#: Recovery's modules that use the layers below it; nothing below may import them.
+RECOVERY_UPPER = ("qmpbackup.recovery.steps", "qmpbackup.recovery.replay", "qmpbackup.recovery.cleanup")
+
 # (package folder, forbidden import prefixes, files exempt with the reason)
 RULES: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
     ("qmpbackup/vma", ("qmpbackup.qemu", "qmpbackup.nbd", "qmpbackup.backup", "qemu", "qmpbackup.cli",
@@ -36,13 +43,15 @@ RULES: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
     ("qmpbackup/nbd", ("qmpbackup.qemu", "qmpbackup.backup", "qmpbackup.cli", "qmpbackup.vma", "fleecing",
                        "argparse"), {}),
     ("qmpbackup/qemu", ("qmpbackup.backup", "qmpbackup.cli", "qmpbackup.vma", "qmpbackup.nbd", "fleecing",
-                        "argparse"), {}),
-    ("qmpbackup/guest_agent", ("qmpbackup.backup", "qmpbackup.cli", "qmpbackup.qemu", "fleecing", "argparse"), {}),
+                        "argparse", *RECOVERY_UPPER), {}),
+    ("qmpbackup/guest_agent", ("qmpbackup.backup", "qmpbackup.cli", "qmpbackup.qemu", "fleecing", "argparse",
+                               *RECOVERY_UPPER), {}),
+    ("qmpbackup/recovery", ("qmpbackup.backup", "qmpbackup.cli", "argparse"), {}),
     ("qmpbackup/backup", ("qmpbackup.cli", "argparse"),
      {"guard_program.py": "a program of its own (the freeze guard process), with its own arguments"}),
     ("qmpbackup/restore", ("qmpbackup.cli", "qmpbackup.backup", "argparse"), {}),
     ("qmpbackup/store", ("qmpbackup.cli", "qmpbackup.backup", "qmpbackup.qemu", "argparse"), {}),
-    ("fleecing", ("qmpbackup.cli", "qmpbackup.backup", "argparse"),
+    ("fleecing", ("qmpbackup.cli", "qmpbackup.backup", "argparse", *RECOVERY_UPPER),
      {"bench.py": "the benchmark drives the real backup jobs", "__main__.py": "entry point"}),
 ]
 
@@ -62,3 +71,14 @@ def test_no_import_goes_the_wrong_way(folder: str, forbidden: tuple[str, ...], e
 def test_compress_knows_nothing_of_qemu() -> None:
     for path in (ROOT / "qmpbackup/compress.py", ROOT / "qmpbackup/atomic_file.py", ROOT / "qmpbackup/throttle.py"):
         assert not {n for n in _imports(path) if n.startswith(("qemu", "qmpbackup.qemu", "qmpbackup.nbd"))}
+
+
+def test_recovery_records_are_leaves() -> None:
+    """Everyone records into the journal; the record-keeping itself knows nothing of QEMU or fleecing."""
+    for name in ("journal", "kinds", "state", "spawned", "instance", "host_files"):
+        path = ROOT / "qmpbackup/recovery" / f"{name}.py"
+        wrong = {n for n in _imports(path) if n.startswith(("qmpbackup.", "fleecing", "qemu"))
+                 and n != "qmpbackup.recovery"
+                 and not n.startswith(("qmpbackup.recovery.", "qmpbackup.errors", "qmpbackup.atomic_file"))}
+        wrong |= {n for n in _imports(path) if n in RECOVERY_UPPER}
+        assert not wrong, f"{path.name} imports {sorted(wrong)}"

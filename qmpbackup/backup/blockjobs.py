@@ -20,19 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from qmpbackup.errors import QmpBackupError
-from qmpbackup.journal import Entry, Journal
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.errors import QmpCommandError, QmpTimeoutError
 from qmpbackup.qemu.nodes import (
     CANCEL_TIMEOUT_S,
-    KIND_BLOCKDEV,
-    KIND_BLOCKJOB,
     cancel_job,
     delete_node,
     job_states,
 )
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[D
                          caps: Capabilities) -> None:
     """Add one NBD client node per drive, pointing at our endpoint's export for it."""
     for job in jobs:
-        entry = journal.record(KIND_BLOCKDEV, node=job.target_node)
+        entry = journal.record(kinds.BLOCKDEV, node=job.target_node)
         args: dict[str, Any] = {
             "driver": "nbd",
             "node-name": job.target_node,
@@ -98,7 +97,7 @@ async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[D
 
 async def detach_targets(session: QmpSession, journal: Journal, jobs: Sequence[DriveJob]) -> None:
     """Delete the NBD client nodes; QEMU sends FLUSH and DISC to our endpoint on the way."""
-    pending = {str(e.data.get("node")): e for e in journal.pending() if e.kind == KIND_BLOCKDEV}
+    pending = {str(e.data.get("node")): e for e in journal.pending() if e.kind == kinds.BLOCKDEV.name}
     for job in reversed(jobs):
         await delete_node(session, job.target_node)
         if job.target_node in pending:
@@ -178,7 +177,7 @@ async def run_jobs(
 
         async def start() -> None:
             for job in jobs:
-                entries[job.job_id] = journal.record(KIND_BLOCKJOB, job=job.job_id)
+                entries[job.job_id] = journal.record(kinds.BLOCKJOB, job=job.job_id)
             all_actions = [dict(a) for a in actions]
             all_actions += [backup_action(j, caps, speed=speed, max_workers=max_workers,
                                           extra=(extra or {}).get(j.key)) for j in jobs]

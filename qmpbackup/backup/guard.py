@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.journal import Entry, Journal, Undo
+from qmpbackup.recovery.journal import Entry, Journal, Undo
+from qmpbackup.recovery.kinds import Kind
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Guard:
 
 
 @contextlib.asynccontextmanager
-async def guarded(journal: Journal, kind: str, data: Mapping[str, Any], undo: Undo, *, label: str,
+async def guarded(journal: Journal, kind: Kind, data: Mapping[str, Any], undo: Undo, *, label: str,
                   warn: Callable[[str], None], qga: str | None = None,
                   qmp: str | None = None) -> AsyncIterator[Entry]:
     """Journal ``kind`` with ``data``, start the guard (``qga``: thaw, ``qmp``: cont), run the block.
@@ -117,8 +118,8 @@ async def guarded(journal: Journal, kind: str, data: Mapping[str, Any], undo: Un
         try:
             guard = await Guard.start(label, qga=qga, qmp=qmp)
         except (OSError, TimeoutError) as exc:
-            warn(f"cannot start the {kind} guard ({exc}); if this run is killed now, "
-                 "the next run or 'qmpbackup cleanup' undoes the " + kind)
+            warn(f"cannot start the {kind.name} guard ({exc}); if this run is killed now, "
+                 "the next run or 'qmpbackup cleanup' undoes the " + kind.name)
         yield entry
         settled = True
     except BaseException:

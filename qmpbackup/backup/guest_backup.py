@@ -21,9 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,7 +29,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from fleecing.drives import Fleecing
+from fleecing.storage import plan_fleecing
 from qmpbackup.atomic_file import atomic_output
+from qmpbackup.backup import incremental
 from qmpbackup.backup.archive_config import DiskMap, assemble, vma_device_name
 from qmpbackup.backup.blockjobs import (
     BlockJobError,
@@ -41,7 +42,6 @@ from qmpbackup.backup.blockjobs import (
     plan_jobs,
     run_jobs,
 )
-from qmpbackup.backup import incremental
 from qmpbackup.backup.datapath import ArchiveDataPath, DeviceSpec
 from qmpbackup.backup.guard import guarded
 from qmpbackup.backup.kill_points import hold
@@ -51,22 +51,22 @@ from qmpbackup.backup.tasklog import TaskLog
 from qmpbackup.compress import Compression, CompressOptions
 from qmpbackup.errors import QmpBackupError, UsageError
 from qmpbackup.guest_agent.client import GuestAgentClient
-from qmpbackup.guest_agent.freeze import KIND_FREEZE, frozen_window
-from qmpbackup.guest_agent.freeze import undo_steps as freeze_undo_steps
+from qmpbackup.guest_agent.freeze import frozen_window
 from qmpbackup.guest_config import GuestDefinition, format_size, guest_from_running
-from fleecing.drives import Fleecing
-from fleecing.graph import undo_steps as fleecing_undo_steps
-from fleecing.storage import plan_fleecing
 from qmpbackup.jobs.hooks import GuestInfo, HookRunner
 from qmpbackup.jobs.storage_cfg import Storage
 from qmpbackup.jobs.vzdump_conf import VzdumpOptions
-from qmpbackup.journal import Entry, Journal, unwind
 from qmpbackup.qemu.capabilities import Capabilities, probe
 from qmpbackup.qemu.discovery import Disk, discover_disks
-from qmpbackup.qemu.nodes import KIND_PAUSE, undo_steps
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.spawn import SpawnedQemu
-from qmpbackup.render import render_hms, render_archive_size
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.host_files import journaled_output, run_folder
+from qmpbackup.recovery.journal import Journal
+from qmpbackup.recovery.replay import Sessions, replay
+from qmpbackup.recovery.state import DEFAULT_STATE_DIR, journal_path
+from qmpbackup.recovery.steps import undo_steps
+from qmpbackup.render import render_archive_size, render_hms
 from qmpbackup.store.dumpdir import check_backup_limit, prune_after_backup
 from qmpbackup.store.names import archive_name, log_name, temp_name
 from qmpbackup.store.notes import render_notes, write_notes
@@ -93,7 +93,7 @@ class GuestRequest:
     definition: GuestDefinition | None
     qmp: Path | None = None
     qga: Path | None = None
-    state_dir: Path = Path("/var/lib/qmpbackup")
+    state_dir: Path = DEFAULT_STATE_DIR
     stdout: BinaryIO | None = None
     hooks: HookRunner | None = None
     fleecing_storage: Storage | None = None  # resolved from storage.cfg when fleecing is enabled
@@ -193,7 +193,7 @@ async def backup_guest(req: GuestRequest) -> GuestResult:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc) or type(exc).__name__
 
 
@@ -343,14 +343,16 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
         if running:
             tasklog.info("status = running")
 
-        journal = Journal.open(req.state_dir / "journal" / f"{req.vmid}.jsonl")
+        journal = Journal.open(journal_path(req.state_dir, req.vmid))
         stack.callback(journal.close)
-        handlers = {**fleecing_undo_steps(session), **undo_steps(session), **freeze_undo_steps(tasklog.warn)}
+        sessions = Sessions(req.vmid, session)
         if journal.pending():
             tasklog.warn("cleaning up what an earlier run of this VM left behind")
-            for failure in await unwind(journal, handlers):
+            for failure in await replay(journal, sessions, info=tasklog.info, say=tasklog.warn):
                 tasklog.warn(failure)
-        stack.push_async_callback(_final_unwind, journal, handlers, tasklog)
+        journal.bind(sessions.current_qemu)
+        stack.push_async_callback(_final_unwind, journal, sessions, tasklog)
+        await hold("journal")
 
         caps = await probe(session)
         disks = await discover_disks(session, str(req.vmid))
@@ -379,21 +381,24 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
         target_text = "-" if req.stdout is not None else str(archive)
         tasklog.info(f"creating vzdump archive '{target_text}'")
 
-        rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{req.vmid}-"))
-        stack.callback(shutil.rmtree, rundir, True)
+        rundir = stack.enter_context(run_folder(journal, req.vmid))
         fleece = await _fleecing(req, session, journal, caps, chosen, rundir, running, mode, tasklog)
         if fleece is not None:
-            stack.push_async_callback(fleece.teardown)
+            stack.push_async_callback(_teardown, fleece)
             await fleece.prepare()
+            await hold("prepared")
             sources = fleece.sources()
         else:
             sources = [(d.key, d.top_node, d.size) for d in chosen]
         jobs = plan_jobs(req.vmid, sources)
         devices = [DeviceSpec(j.key, vma_device_name(j.key), j.size, j.export) for j in jobs]
 
-        output = (contextlib.nullcontext(req.stdout) if req.stdout is not None
-                  else atomic_output(archive, temp_name(archive), ionice=opts.ionice))
-        with output as out:
+        with contextlib.ExitStack() as output:
+            if req.stdout is None:  # the partial archive is journaled before it exists
+                output.enter_context(journaled_output(journal, temp_name(archive)))
+                out = output.enter_context(atomic_output(archive, temp_name(archive), ionice=opts.ionice))
+            else:
+                out = req.stdout
             datapath = ArchiveDataPath(out, compression, compress_options(opts), configs, devices,
                                        rundir / "nbd.sock", str(req.vmid),
                                        wrap=(lambda dev, c: fleece.consumer(dev.key, c)) if fleece else None)
@@ -411,6 +416,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
                     await plan.start_bitmaps(session, journal)  # before the snapshot point
                 await datapath.server.start()
                 await attach_targets(session, journal, jobs, datapath.server.path, caps)
+                await hold("attached")
                 started = time.monotonic()
                 progress = Progress(total_bytes=sum(j.size for j in jobs), started=started,
                                     interval_s=PROGRESS_INTERVAL_S)
@@ -428,11 +434,15 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
 
                 window = _start_window(req, definition, session, journal, tasklog, mode, status,
                                        user_paused, result, before_start=snapshot_point if fleece else None)
+
+                async def window_then_hold(job_start: Callable[[], Awaitable[None]]) -> None:
+                    await window(job_start)
+                    await hold("running")
                 try:
                     await run_jobs(session, journal, jobs, caps,
                                    limit_bps=opts.bwlimit_kib * 1024,
                                    max_workers=opts.performance.max_workers,
-                                   start_window=window,
+                                   start_window=window_then_hold,
                                    failure=datapath.server.wait_failure,
                                    on_progress=on_progress,
                                    extra=_merged(plan.job_args(), fleece.job_extra() if fleece else {}),
@@ -443,8 +453,10 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
                         raise fleece.broken(key, exc.error) from exc
                     raise
                 await detach_targets(session, journal, jobs)
+                await hold("detached")
                 reused = await complete_from_previous(plan, datapath, session)
                 await datapath.finish()
+                await hold("finished")
                 stats = datapath.stats()
                 if jobs:
                     tasklog.info(progress.line(time.monotonic(), stats.received, stats.zero, force=True) or "")
@@ -453,6 +465,7 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
                 raise
             elapsed = time.monotonic() - started
         datapath.publish_index(archive if req.stdout is None else None)
+        await hold("published")
         stats = datapath.stats()
         result.bytes_read, result.zero_bytes = stats.received, stats.zero
         result.written_bytes = stats.written
@@ -469,6 +482,11 @@ async def _backup(req: GuestRequest, archive: Path, compression: Compression, ta
         result.archive_size = archive.stat().st_size
         tasklog.info(f"archive file size: {render_archive_size(result.archive_size)}")
         _after_archive(req, archive, definition, tasklog)
+
+
+async def _teardown(fleece: Fleecing) -> None:
+    await hold("teardown")
+    await fleece.teardown()
 
 
 def _merged(*extras: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -537,7 +555,7 @@ def _start_window(req: GuestRequest, definition: GuestDefinition, session: QmpSe
             if pause:  # journaled and guarded: a run that dies now does not leave the VM paused
                 tasklog.info("suspending guest")
                 await stack.enter_async_context(guarded(
-                    journal, KIND_PAUSE, {"qmp": session.socket_path}, undo_steps(session)[KIND_PAUSE],
+                    journal, kinds.PAUSE, {"qmp": session.socket_path}, undo_steps(session)[kinds.PAUSE.name],
                     label=label, warn=tasklog.warn, qmp=session.socket_path))
                 await hold("recorded")
                 await session.execute("stop")
@@ -550,8 +568,8 @@ def _start_window(req: GuestRequest, definition: GuestDefinition, session: QmpSe
                     tasklog.info("skipping guest filesystem freeze - disabled in VM options")
                 wants_freeze = False
             if wants_freeze and qga is not None:
-                async with guarded(journal, KIND_FREEZE, {"qga": str(qga), "vm": label},
-                                   freeze_undo_steps()[KIND_FREEZE], label=label, warn=tasklog.warn,
+                async with guarded(journal, kinds.FREEZE, {"qga": str(qga), "vm": label},
+                                   undo_steps(None)[kinds.FREEZE.name], label=label, warn=tasklog.warn,
                                    qga=str(qga)):
                     await hold("recorded")
                     agent = GuestAgentClient(str(qga), name=label)
@@ -587,12 +605,11 @@ def _start_window(req: GuestRequest, definition: GuestDefinition, session: QmpSe
     return window
 
 
-async def _final_unwind(journal: Journal, handlers: dict[str, Callable[[Entry], Awaitable[None]]],
-                        tasklog: TaskLog) -> None:
+async def _final_unwind(journal: Journal, sessions: Sessions, tasklog: TaskLog) -> None:
     """Undo whatever is still recorded; runs shielded so a second signal cannot cut it short."""
     if not journal.pending():
         return
-    task = asyncio.ensure_future(unwind(journal, handlers))
+    task = asyncio.ensure_future(replay(journal, sessions, info=tasklog.info, say=tasklog.warn))
     try:
         failures = await asyncio.shield(task)
     except asyncio.CancelledError:

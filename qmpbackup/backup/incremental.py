@@ -39,11 +39,12 @@ from uuid import UUID
 from qmpbackup.backup.archive_config import vma_device_name
 from qmpbackup.backup.blockjobs import DriveJob
 from qmpbackup.errors import QmpBackupError
-from qmpbackup.journal import Entry, Journal
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.errors import QmpCommandError
-from qmpbackup.qemu.nodes import KIND_BITMAP, remove_bitmap
+from qmpbackup.qemu.nodes import remove_bitmap
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal
 from qmpbackup.render import render_bytes
 from qmpbackup.store.dumpdir import list_backups
 from qmpbackup.vma import VmaReader
@@ -258,7 +259,7 @@ class IncrementalPlan:
         """Journal the new bitmaps before the transaction creates them."""
         for d in self.drives:
             if d.new_bitmap is not None:
-                self._entries[d.key] = journal.record(KIND_BITMAP, node=d.node, name=d.new_bitmap)
+                self._entries[d.key] = journal.record(kinds.BITMAP, node=d.node, name=d.new_bitmap)
 
     async def start_bitmaps(self, session: QmpSession, journal: Journal) -> None:
         """Fleecing, before the snapshot point: start the new bitmaps now (journaled).
@@ -283,7 +284,7 @@ class IncrementalPlan:
             assert d.base is not None
             snap = snapshots[d.key]
             copy = self._snapshot_copy(d.key)
-            self._entries[f"{d.key}/snapshot"] = journal.record(KIND_BITMAP, node=snap, name=copy)
+            self._entries[f"{d.key}/snapshot"] = journal.record(kinds.BITMAP, node=snap, name=copy)
             await session.execute("transaction", {"actions": [
                 {"type": "block-dirty-bitmap-add",
                  "data": {"node": snap, "name": copy, "granularity": GRANULARITY, "disabled": True}},

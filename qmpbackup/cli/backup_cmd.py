@@ -38,12 +38,12 @@ from qmpbackup.jobs.notify import JobReport, notify
 from qmpbackup.jobs.storage_cfg import load_storage_cfg
 from qmpbackup.jobs.target import Target, resolve_target
 from qmpbackup.jobs.vzdump_conf import VzdumpOptions
+from qmpbackup.recovery.state import DEFAULT_STATE_DIR
 from qmpbackup.store.protection import count_protected
 
 log = logging.getLogger(__name__)
 task = logging.getLogger("qmpbackup.task")
 
-DEFAULT_STATE_DIR = Path("/var/lib/qmpbackup")
 
 # Command-line options that are vzdump options, passed on as text: (flag, vzdump key, help).
 VZDUMP_FLAGS: tuple[tuple[str, str, str], ...] = (

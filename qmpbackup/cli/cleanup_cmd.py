@@ -13,15 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleecing.cleanup import CleanupReport, cleanup_vm, journaled_vmids, kill_spawned_orphans
 from qmpbackup.cli.common import Context, add_output_format, print_json
 from qmpbackup.errors import ConfigError, QmpBackupError
 from qmpbackup.file_restore.client import stop_all
 from qmpbackup.guest_config import check_vmid, guest_path, load_guest
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 from qmpbackup.jobs.storage_cfg import load_storage_cfg
-
-DEFAULT_STATE_DIR = Path("/var/lib/qmpbackup")
+from qmpbackup.recovery.cleanup import CleanupReport, cleanup_vm, kill_spawned_orphans
+from qmpbackup.recovery.state import DEFAULT_STATE_DIR, journaled_vmids
 
 
 class CleanupIncomplete(QmpBackupError):

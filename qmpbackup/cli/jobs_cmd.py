@@ -20,10 +20,10 @@ from qmpbackup.jobs.scheduler import (
     next_run,
     spawn_job,
 )
+from qmpbackup.recovery.state import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = Path("/var/lib/qmpbackup")
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:

@@ -16,8 +16,8 @@ each must see "frozen", otherwise we give up; guest-fsfreeze-thaw gets 180 s.
 Unlike vzdump, a guest that is already frozen when the window opens is thawed first
 (``FreezeOutcome.thawed_first``) and then frozen as usual: the callers hold the VM's
 journal lock, so that freeze belongs to no live run of ours; it is what a run that was
-killed inside its window left behind. :func:`undo_steps` is the journal's step for a
-recorded freeze (kind ``freeze``): thaw if still frozen.
+killed inside its window left behind. :func:`thaw_left_frozen` is the journal's step for a
+recorded freeze (kind ``freeze``, :mod:`qmpbackup.recovery.kinds`): thaw if still frozen.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -38,12 +38,8 @@ from qmpbackup.guest_agent.errors import (
     GuestFreezeError,
     GuestThawError,
 )
-from qmpbackup.journal import Entry, Undo
 
 log = logging.getLogger(__name__)
-
-#: The journal kind of a freeze; its data: ``qga`` (the agent socket) and ``vm`` (a label).
-KIND_FREEZE = "freeze"
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,14 +289,3 @@ async def thaw_left_frozen(socket_path: str, name: str, *,
         return max(1, await _thaw(agent, timeouts, FreezeOutcome()))
     finally:
         await agent.close()
-
-
-def undo_steps(say: Callable[[str], None] | None = None) -> dict[str, Undo]:
-    """The journal's step for ``freeze``; ``say`` gets one line when a guest had to be thawed."""
-
-    async def undo_freeze(entry: Entry) -> None:
-        qga = str(entry.data["qga"])
-        if await thaw_left_frozen(qga, str(entry.data.get("vm") or qga)) and say is not None:
-            say("guest filesystems were still frozen by an earlier run that died - thawed them")
-
-    return {KIND_FREEZE: undo_freeze}

@@ -1,9 +1,8 @@
 """What a backup changes in QEMU, and how each change is undone — each step safe to run twice.
 
-These are the journal's cleanup steps for the kinds ``blockdev`` (a node), ``blockjob``,
-``bitmap`` (a dirty bitmap a failed run started) and ``pause`` (the VM paused in suspend
-mode): the backup engine, fleecing and ``qmpbackup cleanup`` all undo through them, so a
-step never has two versions.
+These are the undo steps of the journal kinds ``blockdev`` (a node), ``blockjob``, ``bitmap``
+(a dirty bitmap a failed run started) and ``pause`` (the VM paused in suspend mode);
+:mod:`qmpbackup.recovery.steps` maps the kinds to them, so a step never has two versions.
 """
 
 from __future__ import annotations
@@ -12,14 +11,9 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from qmpbackup.journal import Entry, Undo
 from qmpbackup.qemu.errors import QmpCommandError
 from qmpbackup.qemu.session import QmpSession
 
-KIND_BLOCKDEV = "blockdev"
-KIND_BLOCKJOB = "blockjob"
-KIND_BITMAP = "bitmap"
-KIND_PAUSE = "pause"
 #: How long a cancelled job may take to go away.
 CANCEL_TIMEOUT_S = 60.0
 
@@ -85,22 +79,3 @@ async def resume_if_paused(session: QmpSession) -> None:
     """``cont`` a VM that we paused; a VM in any other state is left as it is."""
     if (await session.execute("query-status"))["status"] == "paused":
         await session.execute("cont")
-
-
-def undo_steps(session: QmpSession) -> dict[str, Undo]:
-    """The journal's cleanup steps for what this module creates."""
-
-    async def undo_blockdev(entry: Entry) -> None:
-        await delete_node(session, str(entry.data["node"]))
-
-    async def undo_blockjob(entry: Entry) -> None:
-        await cancel_job(session, str(entry.data["job"]))
-
-    async def undo_bitmap(entry: Entry) -> None:
-        await remove_bitmap(session, str(entry.data["node"]), str(entry.data["name"]))
-
-    async def undo_pause(entry: Entry) -> None:
-        await resume_if_paused(session)
-
-    return {KIND_BLOCKDEV: undo_blockdev, KIND_BLOCKJOB: undo_blockjob, KIND_BITMAP: undo_bitmap,
-            KIND_PAUSE: undo_pause}

@@ -19,11 +19,19 @@ import enum
 import errno
 import logging
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+)
 from qemu.qmp.message import Message
 
 from qmpbackup.errors import StateError
@@ -167,6 +175,19 @@ class QmpSession:
             return None
         v = cast(Mapping[str, Any], cast(Mapping[str, Any], greeting.QMP.version).get("qemu", {}))
         return (int(v.get("major", 0)), int(v.get("minor", 0)), int(v.get("micro", 0)))
+
+    def peer_pid(self) -> int | None:
+        """The pid of the QEMU at the other end of the socket (``SO_PEERCRED``), while connected."""
+        writer = getattr(self._client, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None:
+            return None
+        try:
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        except OSError:
+            return None
+        return int(pid) or None
 
     async def connect(self, greeting_timeout: float = GREETING_TIMEOUT_S) -> None:
         """Connect, read the greeting and negotiate capabilities.

@@ -7,7 +7,7 @@ Its sockets live in a private runtime dir (mode 0700). Its lifetime:
 
 * :class:`SpawnedQemu` is an async context manager: leaving the block (normally, by an
   exception or by cancellation after SIGINT/SIGTERM) stops QEMU and removes its dir;
-* a record in the state dir (:mod:`.process_records`) lets the next run kill it if we
+* a record in the state dir (:mod:`qmpbackup.recovery.spawned`) lets the next run kill it if we
   were SIGKILLed; :meth:`SpawnedQemu.start` does that for leftovers first.
 """
 
@@ -29,9 +29,9 @@ from pathlib import Path
 from qmpbackup.guest_config import DriveConfig, GuestDefinition
 from qmpbackup.qemu.errors import SpawnError
 from qmpbackup.qemu.vm_command import disk_args
-from qmpbackup.qemu.process_records import (
+from qmpbackup.recovery.state import DEFAULT_STATE_DIR
+from qmpbackup.recovery.spawned import (
     ProcessRecord,
-    default_state_dir,
     kill_orphans,
     process_create_time,
     remove_record,
@@ -96,7 +96,7 @@ class SpawnedQemu:
         accel: str | None = None,
     ) -> None:
         self.defn = defn
-        self.state_dir = state_dir or default_state_dir()
+        self.state_dir = state_dir or DEFAULT_STATE_DIR
         self.runtime_base = runtime_base or self.state_dir / "run"
         self.drives = tuple(drives if drives is not None else (d for d in defn.disks if d.backup))
         self.binary = binary or defn.reach.qemu or DEFAULT_BINARY

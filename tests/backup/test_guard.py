@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from qmpbackup.backup.guard import GUARD_PROGRAM, Guard, guarded
-from qmpbackup.guest_agent.freeze import KIND_FREEZE, undo_steps
-from qmpbackup.journal import Entry, Journal
+from qmpbackup.recovery.journal import Entry, Journal
+from qmpbackup.recovery.kinds import FREEZE
+from qmpbackup.recovery.steps import undo_steps
 from qmpbackup.qemu.session import QmpSession
 from tests.guest_agent.fake_agent import FakeAgent
 from tests.support.qemu import QemuBinaries, RunningQemu, qemu, qemu_vm  # noqa: F401
@@ -125,10 +126,10 @@ def _alive(pid: int) -> bool:
 
 async def test_guarded_resolves_and_releases_on_success(fake_agent: FakeAgent, short_dir: Path) -> None:
     journal = Journal.open(short_dir / "j.jsonl")
-    undo = undo_steps()[KIND_FREEZE]
-    async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path, "vm": "VM 7"}, undo, label="VM 7",
+    undo = undo_steps(None)[FREEZE.name]
+    async with guarded(journal, FREEZE, {"qga": fake_agent.path, "vm": "VM 7"}, undo, label="VM 7",
                        warn=pytest.fail, qga=fake_agent.path) as entry:
-        assert [e.kind for e in journal.pending()] == [KIND_FREEZE]
+        assert [e.kind for e in journal.pending()] == [FREEZE.name]
         assert entry.data["qga"] == fake_agent.path
     assert journal.pending() == []
     journal.close()
@@ -143,7 +144,7 @@ async def test_guarded_undoes_on_error_before_releasing(fake_agent: FakeAgent, s
         calls.append(entry)
 
     with pytest.raises(RuntimeError):
-        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 8",
+        async with guarded(journal, FREEZE, {"qga": fake_agent.path, "vm": "VM"}, undo, label="VM 8",
                            warn=pytest.fail, qga=fake_agent.path):
             raise RuntimeError("job start failed")
     assert len(calls) == 1 and journal.pending() == []
@@ -158,10 +159,10 @@ async def test_guarded_keeps_the_record_when_the_undo_fails(fake_agent: FakeAgen
         raise OSError("agent gone")
 
     with pytest.raises(asyncio.CancelledError):
-        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 9",
+        async with guarded(journal, FREEZE, {"qga": fake_agent.path, "vm": "VM"}, undo, label="VM 9",
                            warn=pytest.fail, qga=fake_agent.path):
             raise asyncio.CancelledError()
-    assert [e.kind for e in journal.pending()] == [KIND_FREEZE]
+    assert [e.kind for e in journal.pending()] == [FREEZE.name]
     journal.close()
     deadline = time.monotonic() + 10
     while fake_agent.frozen:  # the guard was let loose: it thaws
@@ -193,7 +194,7 @@ async def test_a_signal_during_the_undo_lets_it_finish_then_ends_the_run(fake_ag
         undone.set()
 
     async def window() -> None:
-        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 11",
+        async with guarded(journal, FREEZE, {"qga": fake_agent.path, "vm": "VM"}, undo, label="VM 11",
                            warn=pytest.fail, qga=fake_agent.path):
             raise RuntimeError("job start failed")
 
@@ -216,7 +217,7 @@ async def test_a_signal_while_the_guard_starts_leaves_no_guard(fake_agent: FakeA
         undone.append(entry)
 
     async def window() -> None:
-        async with guarded(journal, KIND_FREEZE, {"qga": fake_agent.path}, undo, label="VM 12",
+        async with guarded(journal, FREEZE, {"qga": fake_agent.path, "vm": "VM"}, undo, label="VM 12",
                            warn=pytest.fail, qga=fake_agent.path):
             pytest.fail("the block must not run")
 

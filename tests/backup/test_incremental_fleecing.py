@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from qmpbackup.backup.incremental import DriveDecision, IncrementalPlan, remove_bitmap
-from qmpbackup.journal import Journal
+from qmpbackup.recovery.journal import Journal
 from qmpbackup.qemu.session import QmpSession
 from tests.support.backup import make_image
 from tests.support.qemu import DriveSpec, QemuBinaries

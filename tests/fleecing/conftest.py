@@ -13,7 +13,7 @@ import pytest
 
 from fleecing.storage import FleecingPlan, fleecing_storage, plan_fleecing
 from qmpbackup.jobs.storage_cfg import Storage, parse_storage_cfg
-from qmpbackup.journal import Journal
+from qmpbackup.recovery.journal import Journal
 from qmpbackup.qemu.capabilities import Capabilities, probe
 from qmpbackup.qemu.discovery import Disk, discover_disks
 from qmpbackup.qemu.session import QmpSession

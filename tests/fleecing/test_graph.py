@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from fleecing.drives import Fleecing
-from fleecing.graph import KIND_DRIVE, KIND_IMAGE, GraphState, set_device_node, undo_steps
-from qmpbackup.qemu.nodes import undo_steps as blockjob_undo_steps
-from qmpbackup.journal import unwind
+from fleecing.graph import GraphState, set_device_node
+from qmpbackup.recovery.kinds import DRIVE_FILTER, FLEECING_IMAGE
+from qmpbackup.recovery.replay import Sessions, replay
 from tests.fleecing.conftest import MiB, VMID, WorldFactory, dir_storage, random_disk
 from tests.fleecing.helpers import backup_node_to_file, expect_pattern, guest_write
 from tests.support.qemu import DriveSpec
@@ -91,14 +91,14 @@ async def test_unwind_after_partial_build_restores(world: WorldFactory, tmp_path
         await fl.prepare()
         await fl.insert()
         kinds = [e.kind for e in w.journal.pending()]
-        assert kinds.count(KIND_IMAGE) == 2 and kinds.count(KIND_DRIVE) == 2
+        assert kinds.count(FLEECING_IMAGE.name) == 2 and kinds.count(DRIVE_FILTER.name) == 2
         names = sorted(d.image.name for d in fl.drives.values())
         assert names == [f"vm-{VMID}-fleece-0.qcow2", f"vm-{VMID}-fleece-1.qcow2"]
-        handlers = {**blockjob_undo_steps(w.session), **undo_steps(w.session)}
-        assert await unwind(w.journal, handlers) == []
+        sessions = Sessions(VMID, w.session)
+        assert await replay(w.journal, sessions) == []
         assert await w.graph() == original
         assert not list((tmp_path / "store/images/100").iterdir())
-        assert await unwind(w.journal, handlers) == []
+        assert await replay(w.journal, sessions) == []
 
 
 async def test_cbw_bitmap_limits_the_snapshot_to_dirty_areas(world: WorldFactory, tmp_path: Path) -> None:

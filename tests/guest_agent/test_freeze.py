@@ -18,8 +18,10 @@ from qmpbackup.guest_agent import (
     GuestThawError,
     frozen_window,
 )
-from qmpbackup.guest_agent.freeze import KIND_FREEZE, thaw_left_frozen, undo_steps
-from qmpbackup.journal import Entry
+from qmpbackup.guest_agent.freeze import thaw_left_frozen
+from qmpbackup.recovery.kinds import FREEZE
+from qmpbackup.recovery.steps import undo_steps
+from qmpbackup.recovery.journal import Entry
 from tests.guest_agent.fake_agent import FakeAgent
 
 pytestmark = pytest.mark.timeout(30)
@@ -181,8 +183,8 @@ async def test_already_frozen_that_cannot_be_thawed_fails_loudly(fake_agent: Fak
 
 async def test_undo_step_thaws_only_a_frozen_guest(fake_agent: FakeAgent) -> None:
     said: list[str] = []
-    undo = undo_steps(said.append)[KIND_FREEZE]
-    entry = Entry(1, KIND_FREEZE, {"qga": fake_agent.path, "vm": "VM 3"})
+    undo = undo_steps(None, say=said.append)[FREEZE.name]
+    entry = Entry(1, FREEZE.name, {"qga": fake_agent.path, "vm": "VM 3"})
     await undo(entry)
     assert said == [] and "guest-fsfreeze-thaw" not in fake_agent.received
     fake_agent.frozen = True

@@ -17,7 +17,7 @@ import pytest
 from qmpbackup.guest_config import parse_guest
 from qmpbackup.qemu.discovery import discover_disks
 from qmpbackup.qemu.errors import SpawnError
-from qmpbackup.qemu.process_records import kill_orphans, read_records
+from qmpbackup.recovery.spawned import kill_orphans, read_records
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.spawn import SpawnedQemu, SpawnState
 from tests.support.qemu import QemuBinaries

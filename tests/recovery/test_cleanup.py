@@ -28,7 +28,7 @@ BUILDER = textwrap.dedent("""
     from fleecing.drives import Fleecing
     from fleecing.storage import fleecing_storage, plan_fleecing
     from qmpbackup.jobs.storage_cfg import load_storage_cfg
-    from qmpbackup.journal import Journal
+    from qmpbackup.recovery.journal import Journal
     from qmpbackup.qemu.capabilities import probe
     from qmpbackup.qemu.discovery import discover_disks
     from qmpbackup.qemu.session import QmpSession
@@ -131,20 +131,30 @@ def test_cleanup_usage_errors(tmp_path: Path) -> None:
 
 
 def test_cleanup_leaves_a_running_backup_alone(tmp_path: Path) -> None:
-    from qmpbackup.journal import Journal
+    from qmpbackup.recovery import kinds
+    from qmpbackup.recovery.instance import QemuInstance
+    from qmpbackup.recovery.journal import Journal
 
     state = tmp_path / "state"
+    qemu = subprocess.Popen(["sleep", "60"])  # stands in for the VM's QEMU
     with Journal.open(state / "journal" / f"{VMID}.jsonl") as j:  # a backup holds the lock
-        j.record("blockdev", node="qmpbackup-100-scsi0-cbw")
+        j.bind(QemuInstance.of(qemu.pid, str(tmp_path / "none.sock")))
+        j.record(kinds.BLOCKDEV, node="qmpbackup-100-scsi0-cbw")
         r = cli("cleanup", str(VMID), "--state-dir", str(state), "--qmp", str(tmp_path / "none.sock"))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "is a backup of VM 100 running?" in r.stdout + r.stderr
+    r = cli("cleanup", "--state-dir", str(state))  # its QEMU runs but cannot be reached: kept
+    assert r.returncode == 1 and "kept 1 journal entry" in r.stdout and "cannot be reached" in r.stdout, r.stderr
+    qemu.kill()
+    qemu.wait()
     r = cli("cleanup", "--state-dir", str(state))  # QEMU gone: the node went with it
-    assert r.returncode == 0 and "undid blockdev qmpbackup-100-scsi0-cbw" in r.stdout, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"dropped 1 journal entry of QEMU pid {qemu.pid}" in r.stdout
+    assert not (state / "journal" / f"{VMID}.jsonl").exists()
 
 
 def test_cleanup_kills_orphaned_spawned_qemu(tmp_path: Path) -> None:
-    from qmpbackup.qemu.process_records import ProcessRecord, process_create_time, write_record
+    from qmpbackup.recovery.spawned import ProcessRecord, process_create_time, write_record
 
     state = tmp_path / "state"
     owner = subprocess.Popen(["true"])

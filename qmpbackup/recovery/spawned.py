@@ -1,7 +1,6 @@
 """Records of the QEMU processes we spawned, so that none outlives us.
 
-Each spawned QEMU gets a small JSON file in a state directory (``/run/qmpbackup/spawned``
-by default) naming its pid and start time and ours. Normally the spawner deletes the
+Each spawned QEMU gets a small JSON file in ``<state-dir>/spawned`` naming its pid and start time and ours. Normally the spawner deletes the
 record when it stops QEMU. If we were killed with SIGKILL, nothing ran: the next run
 calls :func:`kill_orphans`, which kills every recorded QEMU whose owner is gone —
 after checking that the pid still belongs to the same process (its create time), so a
@@ -20,18 +19,12 @@ from pathlib import Path
 
 import psutil
 
+from qmpbackup.recovery.state import spawn_records_dir
+
 log = logging.getLogger(__name__)
 
 #: A pid's create time as psutil computes it is stable to the clock tick; allow a little.
 CREATE_TIME_SLACK_S = 0.05
-
-
-def default_state_dir() -> Path:
-    """``/run/qmpbackup`` for root, else ``$XDG_RUNTIME_DIR/qmpbackup`` (or /tmp)."""
-    if os.geteuid() == 0:
-        return Path("/run/qmpbackup")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/qmpbackup-{os.geteuid()}"
-    return Path(base) / "qmpbackup"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +43,6 @@ class ProcessRecord:
         return f"qemu-{self.vmid}-{self.pid}.json"
 
 
-def records_dir(state_dir: Path) -> Path:
-    return state_dir / "spawned"
-
-
 def process_create_time(pid: int) -> float | None:
     """The start time of ``pid``, or None if there is no such (live) process."""
     try:
@@ -65,14 +54,14 @@ def process_create_time(pid: int) -> float | None:
         return None
 
 
-def _same_process(pid: int, create_time: float) -> bool:
+def same_process(pid: int, create_time: float) -> bool:
     now = process_create_time(pid)
     return now is not None and abs(now - create_time) <= CREATE_TIME_SLACK_S
 
 
 def write_record(state_dir: Path, record: ProcessRecord) -> Path:
     """Store ``record`` atomically (write, fsync, rename) in a 0700 directory."""
-    directory = records_dir(state_dir)
+    directory = spawn_records_dir(state_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / record.file_name
     tmp = path.with_suffix(".tmp")
@@ -86,7 +75,7 @@ def write_record(state_dir: Path, record: ProcessRecord) -> Path:
 
 def remove_record(state_dir: Path, record: ProcessRecord) -> None:
     try:
-        (records_dir(state_dir) / record.file_name).unlink()
+        (spawn_records_dir(state_dir) / record.file_name).unlink()
     except FileNotFoundError:
         pass
 
@@ -94,7 +83,7 @@ def remove_record(state_dir: Path, record: ProcessRecord) -> None:
 def read_records(state_dir: Path) -> list[ProcessRecord]:
     """Every readable record; unreadable ones are logged and deleted."""
     out: list[ProcessRecord] = []
-    directory = records_dir(state_dir)
+    directory = spawn_records_dir(state_dir)
     if not directory.is_dir():
         return out
     for path in sorted(directory.glob("qemu-*.json")):
@@ -114,9 +103,9 @@ def kill_orphans(state_dir: Path, timeout_s: float = 10.0) -> list[ProcessRecord
     """
     cleaned: list[ProcessRecord] = []
     for rec in read_records(state_dir):
-        if _same_process(rec.owner_pid, rec.owner_create_time):
+        if same_process(rec.owner_pid, rec.owner_create_time):
             continue
-        if _same_process(rec.pid, rec.create_time):
+        if same_process(rec.pid, rec.create_time):
             log.warning("killing QEMU pid %d of VM %d left behind by run pid %d", rec.pid, rec.vmid, rec.owner_pid)
             if not kill_and_wait(rec.pid, timeout_s):
                 log.error("QEMU pid %d of VM %d did not die within %g s", rec.pid, rec.vmid, timeout_s)

@@ -1,55 +1,53 @@
-"""Removing what a crashed or killed run left behind in a VM and on the fleecing storages.
+"""``qmpbackup cleanup``: removing what a crashed or killed run left behind in a VM and on disk.
 
 Two sources, in this order:
 
-1. the VM's journal (``<state-dir>/journal/<vmid>.jsonl``): replayed with every known
-   undo step (block jobs and targets, fleecing graph and images, a pause, a freeze: thawed
-   through the agent socket the entry names, whether QMP is reachable or not);
+1. the VM's journal (``<state-dir>/journal/<vmid>.jsonl``), replayed by
+   :func:`qmpbackup.recovery.replay.replay`: the QEMU each entry belongs to is reached
+   through the socket given (``--qmp``, the guest definition) or the one the journal names;
+   entries of a QEMU that is gone are dropped; a QEMU that runs but cannot be reached keeps
+   its entries, and then no file it may hold open is deleted;
 2. *by name*, when the journal is gone or incomplete: our jobs, exports and nodes in the
    VM's QEMU (:func:`qmpbackup.qemu.naming.parse_name`), a device still sitting on our
-   filter, and ``vm-<vmid>-fleece-*`` files on the file storages of storage.cfg.
+   filter, QEMU's NBD server listening in one of our run folders, and ``vm-<vmid>-fleece-*``
+   files on the file storages of storage.cfg that no process has open. What the by-name
+   pass removed counts as undone: the journal is replayed once more after it.
 
-Without a reachable QEMU (it exited: its nodes went with it) only images and files are
-removed. Orphaned QEMUs we spawned are killed (:func:`process_records.kill_orphans`).
+Orphaned QEMUs we spawned are killed (:func:`qmpbackup.recovery.spawned.kill_orphans`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleecing.graph import delete_export, set_device_node, undo_steps
+import psutil
+
+from fleecing.graph import delete_export, set_device_node, stop_nbd_server
 from fleecing.images import leftover_files
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FILE_TYPES, images_dir
-from qmpbackup.guest_agent.freeze import undo_steps as freeze_undo_steps
-from qmpbackup.qemu.nodes import KIND_BITMAP, KIND_BLOCKJOB, KIND_PAUSE, cancel_job, delete_node
-from qmpbackup.qemu.nodes import undo_steps as qemu_undo_steps
 from qmpbackup.jobs.storage_cfg import Storage
-from qmpbackup.journal import Entry, Journal, JournalError, Undo, unwind
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.errors import QmpCommandError, QmpConnectError, QmpSocketBusyError
-from qmpbackup.qemu.process_records import kill_orphans
+from qmpbackup.qemu.nodes import cancel_job, delete_node
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.recovery.host_files import RUN_FOLDER_PREFIX
+from qmpbackup.recovery.journal import Entry, Journal, JournalError, Undo
+from qmpbackup.recovery.replay import Sessions, replay
+from qmpbackup.recovery.spawned import kill_orphans
+from qmpbackup.recovery.state import journal_path
+from qmpbackup.recovery.steps import undo_steps
 
 log = logging.getLogger(__name__)
 
 #: Our node roles, in the order they can be deleted (users before what they use).
 NODE_ORDER = (naming.ROLE_SNAPSHOT, naming.ROLE_SNAPSHOT_TRIM, naming.ROLE_TARGET, naming.ROLE_CBW,
               naming.ROLE_FLEECE, naming.ROLE_FLEECE_FILE)
-
-
-def journal_path(state_dir: Path, vmid: int) -> Path:
-    """Where the backup engine keeps VM ``vmid``'s journal."""
-    return state_dir / "journal" / f"{vmid}.jsonl"
-
-
-def journaled_vmids(state_dir: Path) -> list[int]:
-    d = state_dir / "journal"
-    return sorted(int(p.stem) for p in d.glob("*.jsonl") if p.stem.isdigit()) if d.is_dir() else []
 
 
 @dataclass(slots=True)
@@ -65,47 +63,19 @@ class CleanupReport:
         return {"vmid": self.vmid, "qemu": self.qemu_reachable, "actions": self.actions, "failures": self.failures}
 
 
-def _handlers(session: QmpSession | None, runner: Runner, report: CleanupReport) -> dict[str, Undo]:
-    fleecing = undo_steps(session, runner)
-
-    async def noop(entry: Entry) -> None:
-        pass
-
-    handlers: dict[str, Undo] = {**fleecing, **freeze_undo_steps(report.actions.append)}  # needs only QGA
-    if session is not None:
-        handlers.update(qemu_undo_steps(session))
-    else:  # QEMU is gone, and what lived in it went with it
-        handlers.update({kind: noop for kind in (KIND_BLOCKJOB, KIND_BITMAP, KIND_PAUSE)})
-
-    def logged(kind: str, step: Undo) -> Undo:
-        async def run(entry: Entry) -> None:
-            await step(entry)
-            report.actions.append(f"undid {kind} {_describe(entry.data)}")
-        return run
-
-    return {k: logged(k, v) for k, v in handlers.items()}
-
-
-def _describe(data: Mapping[str, Any]) -> str:
-    for key in ("node", "job", "id", "path", "qdev", "socket", "qga", "qmp"):
-        if key in data:
-            return str(data[key])
-    return ""
-
-
-async def _connect(vmid: int, socket: Path | None) -> QmpSession | None:
-    """A session to the VM, or None when its QEMU is not running (socket missing or refusing)."""
+async def _connect(vmid: int, socket: Path | None) -> tuple[QmpSession | None, bool]:
+    """A session to the VM's QEMU, and whether the socket says that QEMU is gone (missing, refusing)."""
     if socket is None:
-        return None
+        return None, False
     session = QmpSession(str(vmid), socket)
     try:
         await session.connect()
     except QmpSocketBusyError:
         raise
     except QmpConnectError as exc:
-        log.info("VM %d: QEMU not reachable (%s); only files are cleaned up", vmid, exc)
-        return None
-    return session
+        log.info("VM %d: QEMU not reachable at the given socket (%s)", vmid, exc)
+        return None, True
+    return session, False
 
 
 async def _graph_children(session: QmpSession) -> dict[str, dict[str, str]]:
@@ -154,6 +124,9 @@ async def remove_by_name(session: QmpSession, vmid: int, report: CleanupReport) 
         qom = qdev if str(qdev).startswith("/") else f"/machine/peripheral/{qdev}"
         await set_device_node(session, str(qdev), qom, original)
         report.actions.append(f"device {qdev} back on node {original}")
+    for path in our_nbd_server_sockets(session, vmid):
+        await stop_nbd_server(session)
+        report.actions.append(f"stopped QEMU's NBD server on {path}")
     for role in NODE_ORDER:
         for n, p in ours.items():
             if p.role == role and n not in snaps:
@@ -164,14 +137,50 @@ async def remove_by_name(session: QmpSession, vmid: int, report: CleanupReport) 
                     report.failures.append(f"cannot delete node {n}: {exc.desc}")
 
 
+def our_nbd_server_sockets(session: QmpSession, vmid: int) -> list[str]:
+    """The sockets QEMU listens on in one of our run folders for ``vmid``: only our
+    ``nbd-server-start`` puts a listener there (QMP has no query for the NBD server)."""
+    pid = session.peer_pid()
+    if pid is None:
+        return []
+    try:
+        conns = psutil.Process(pid).net_connections(kind="unix")
+    except psutil.Error:
+        return []
+    prefix = f"{RUN_FOLDER_PREFIX}{vmid}-"
+    return sorted({str(c.laddr) for c in conns
+                   if c.laddr and c.status == psutil.CONN_NONE and not c.raddr
+                   and Path(str(c.laddr)).parent.name.startswith(prefix)})
+
+
+def open_anywhere() -> set[str]:
+    """Every path some process has open (from ``/proc/*/fd``; the processes we may look at)."""
+    paths: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
+    return paths
+
+
 async def remove_files(vmid: int, storages: Mapping[str, Storage], in_use: set[str],
                        report: CleanupReport) -> None:
-    """``vm-<vmid>-fleece-*`` files on file storages that no QEMU node has open."""
+    """``vm-<vmid>-fleece-*`` files on file storages that no QEMU node and no process has open."""
+    open_now: set[str] | None = None
     for storage in storages.values():
         if storage.type not in FILE_TYPES or storage.path is None or storage.disable:
             continue
         for path in leftover_files(images_dir(storage, vmid), vmid):
-            if str(path) in in_use:
+            open_now = open_anywhere() if open_now is None else open_now
+            if str(path) in in_use or str(path) in open_now:
                 report.failures.append(f"fleecing file {path} is still open in QEMU")
                 continue
             path.unlink(missing_ok=True)
@@ -180,7 +189,7 @@ async def remove_files(vmid: int, storages: Mapping[str, Storage], in_use: set[s
 
 async def cleanup_vm(vmid: int, state_dir: Path, qmp_socket: Path | None, storages: Mapping[str, Storage],
                      runner: Runner = run_command) -> CleanupReport:
-    """Everything for one VM: journal replay, then by-name leftovers, then files."""
+    """Everything for one VM: journal replay, then by-name leftovers, the journal again, then files."""
     report = CleanupReport(vmid)
     try:
         # Taken even when there is no journal: its lock keeps a backup from starting meanwhile,
@@ -190,17 +199,35 @@ async def cleanup_vm(vmid: int, state_dir: Path, qmp_socket: Path | None, storag
         report.failures.append(f"{exc} (is a backup of VM {vmid} running?)")
         return report
     session: QmpSession | None = None
+    sessions: Sessions | None = None
     try:
-        session = await _connect(vmid, qmp_socket)
-        report.qemu_reachable = session is not None
-        report.failures += await unwind(journal, _handlers(session, runner, report))
+        session, gone = await _connect(vmid, qmp_socket)
+        sessions = Sessions(vmid, session, current_gone=gone, connect=True)
+
+        def undone(entry: Entry) -> None:
+            report.actions.append(f"undid {entry.describe()}")
+
+        def steps(live: QmpSession | None) -> Mapping[str, Undo]:
+            return undo_steps(live, runner=runner, say=report.actions.append)
+
+        failures = await replay(journal, sessions, steps=steps, info=report.actions.append, undone=undone)
+        reachable = sessions.reachable()
+        report.qemu_reachable = bool(reachable)
+        for live in reachable:
+            await remove_by_name(live, vmid, report)
+        if failures and journal.pending():  # what the by-name pass removed is undone now
+            failures = await replay(journal, sessions, steps=steps, info=report.actions.append, undone=undone)
+        report.failures += failures
+        if sessions.unreachable():
+            return report  # a QEMU that may hold our files runs unreached: delete none of them
         in_use: set[str] = set()
-        if session is not None:
-            await remove_by_name(session, vmid, report)
-            in_use = {str(n.get("file")) for n in await session.execute("query-named-block-nodes", {"flat": True})}
+        for live in reachable:
+            in_use |= {str(n.get("file")) for n in await live.execute("query-named-block-nodes", {"flat": True})}
         await remove_files(vmid, storages, in_use, report)
     finally:
         journal.close()
+        if sessions is not None:
+            await sessions.close()
         if session is not None:
             await session.close()
     return report

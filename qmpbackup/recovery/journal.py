@@ -4,14 +4,19 @@ Every resource (QEMU node, filter, export, bitmap, fleecing image, spawned QEMU,
 freeze, pause) is *recorded* before it is created and *resolved* once it is gone.
 Whatever is recorded but unresolved when a run ends — normally, by an
 exception, a signal, or a SIGKILL followed by the next run — is undone in
-reverse order by :func:`unwind`. The on-disk form is described in
+reverse order by :func:`qmpbackup.recovery.replay.replay`. The on-disk form is described in
 ``docs/format.md`` ("The journal").
 
 Format (version 1): one JSON object per line, appended and fsynced before the
 caller goes on::
 
-    {"v": 1, "op": "add", "id": 3, "kind": "blockdev", "data": {...}}
+    {"v": 1, "op": "add", "id": 3, "kind": "blockdev", "data": {...}, "qemu": {...}}
     {"v": 1, "op": "done", "id": 3}
+
+``data`` follows the kind's schema (:mod:`qmpbackup.recovery.kinds`): checked exactly when
+written; when read, an entry that does not fit is kept and named by replay rather
+than acted upon. ``qemu`` names the QEMU process the run talked to
+(:class:`~qmpbackup.recovery.instance.QemuInstance`), once the journal is bound to one.
 
 A torn last line (a crash mid-append) is ignored: its resource was never
 created, because creation only starts after the append returned. An unknown
@@ -20,7 +25,6 @@ version is refused rather than guessed at.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import logging
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.recovery.instance import QemuInstance
+from qmpbackup.recovery.kinds import Kind, entry_problem
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +49,20 @@ class JournalError(QmpBackupError):
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """One recorded resource. ``problem``: why the entry read does not fit its kind's schema."""
+
     id: int
     kind: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    qemu: QemuInstance | None = None
+    problem: str | None = None
+
+    def describe(self) -> str:
+        """``kind what`` for log lines: the data key that names the resource."""
+        for key in ("node", "job", "id", "path", "qdev", "socket", "qga", "qmp"):
+            if key in self.data:
+                return f"{self.kind} {self.data[key]}"
+        return self.kind
 
 
 class Journal:
@@ -59,6 +76,7 @@ class Journal:
         self._fd = fd
         self._pending = entries
         self._next_id = next_id
+        self._qemu: QemuInstance | None = None
 
     @classmethod
     def open(cls, path: Path) -> Journal:
@@ -87,10 +105,24 @@ class Journal:
         """Unresolved entries, oldest first."""
         return [self._pending[k] for k in sorted(self._pending)]
 
-    def record(self, kind: str, **data: Any) -> Entry:
-        """Write down a resource that is about to be created. Returns its entry."""
-        entry = Entry(self._next_id, kind, dict(data))
-        self._append({"v": JOURNAL_VERSION, "op": "add", "id": entry.id, "kind": kind, "data": entry.data})
+    def bind(self, qemu: QemuInstance | None) -> None:
+        """Entries recorded from now on belong to this QEMU process (None: to none)."""
+        self._qemu = qemu
+
+    def record(self, kind: Kind, **data: Any) -> Entry:
+        """Write down a resource that is about to be created. Returns its entry.
+
+        :raise ValueError: ``data`` does not fit the kind's schema (a bug, never input).
+        """
+        problem = entry_problem(kind.name, data, exact=True)
+        if problem is not None:
+            raise ValueError(f"journal entry {kind.name}: {problem}")
+        entry = Entry(self._next_id, kind.name, dict(data), self._qemu)
+        record: dict[str, Any] = {"v": JOURNAL_VERSION, "op": "add", "id": entry.id, "kind": kind.name,
+                                  "data": entry.data}
+        if self._qemu is not None:
+            record["qemu"] = self._qemu.as_record()
+        self._append(record)
         self._next_id += 1
         self._pending[entry.id] = entry
         return entry
@@ -157,7 +189,8 @@ def _parse(path: Path, raw: bytes) -> tuple[dict[int, Entry], int]:
         try:
             entry_id = int(record["id"])
             if record["op"] == "add":
-                pending[entry_id] = Entry(entry_id, str(record["kind"]), dict(record.get("data") or {}))
+                pending[entry_id] = _entry(entry_id, str(record["kind"]), record.get("data") or {},
+                                           record.get("qemu"))
             elif record["op"] == "done":
                 pending.pop(entry_id, None)
             else:
@@ -168,29 +201,19 @@ def _parse(path: Path, raw: bytes) -> tuple[dict[int, Entry], int]:
     return pending, next_id
 
 
+def _entry(entry_id: int, kind: str, data: Any, qemu: Any) -> Entry:
+    if not isinstance(data, dict):
+        return Entry(entry_id, kind, {}, None, "data is not an object")
+    instance = QemuInstance.from_record(qemu) if qemu is not None else None
+    problem = entry_problem(kind, data)
+    if qemu is not None and instance is None:
+        problem = problem or "unreadable 'qemu' field"
+    return Entry(entry_id, kind, data, instance, problem)
+
+
 Undo = Callable[[Entry], Awaitable[None]]
 
 
-async def unwind(journal: Journal, handlers: Mapping[str, Undo], step_timeout: float = 60.0) -> list[str]:
-    """Undo every pending entry, newest first. Returns the failures, one line each.
-
-    A step that fails or times out is logged and left pending (the next run tries
-    again); the remaining steps still run, so one stuck resource does not keep the
-    others alive. Handlers must be safe to run twice. Cancellation propagates.
-    """
-    failures: list[str] = []
-    for entry in reversed(journal.pending()):
-        handler = handlers.get(entry.kind)
-        if handler is None:
-            failures.append(f"no cleanup step for {entry.kind} {dict(entry.data)}")
-            continue
-        try:
-            async with asyncio.timeout(step_timeout):
-                await handler(entry)
-        except Exception as exc:  # logged, kept pending, the first error stays the one reported
-            message = f"cleanup of {entry.kind} {dict(entry.data)} failed: {exc or type(exc).__name__}"
-            log.warning("%s", message)
-            failures.append(message)
-            continue
-        journal.resolve(entry)
-    return failures
+def bad_entry(journal: Journal, entry: Entry) -> str:
+    """The failure line of an entry that does not fit its schema (it stays in the journal)."""
+    return f"journal {journal.path}: entry {entry.id} ({entry.kind}) kept, not understood: {entry.problem}"

@@ -1,0 +1,81 @@
+"""The undo step of every journal kind, in one table.
+
+Each step first asks whether its resource still exists, so it is safe to run twice and
+after any crash. The steps themselves live beside the code that creates the resource
+(:mod:`qmpbackup.qemu.nodes`, :mod:`fleecing.graph`, :mod:`fleecing.images`,
+:mod:`qmpbackup.guest_agent.freeze`, :mod:`qmpbackup.recovery.host_files`); this module only says which undoes what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fleecing.graph import delete_export, restore_device, stop_nbd_server
+from fleecing.images import FleecingImage, free_image
+from fleecing.runner import Runner, run_command
+from qmpbackup.guest_agent.freeze import thaw_left_frozen
+from qmpbackup.qemu.nodes import (
+    cancel_job,
+    delete_node,
+    remove_bitmap,
+    resume_if_paused,
+)
+from qmpbackup.qemu.session import QmpSession
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.host_files import remove_output_file, remove_run_folder
+from qmpbackup.recovery.journal import Entry, Undo
+
+
+def undo_steps(session: QmpSession | None, *, runner: Runner = run_command,
+               say: Callable[[str], None] | None = None) -> dict[str, Undo]:
+    """Kind → undo step. Without ``session`` only the kinds that need no QEMU are there.
+
+    ``say`` gets one line when a step found something the user should hear of (a thawed guest).
+    """
+
+    async def freeze(entry: Entry) -> None:
+        qga = str(entry.data["qga"])
+        if await thaw_left_frozen(qga, str(entry.data.get("vm") or qga)) and say is not None:
+            say("guest filesystems were still frozen by an earlier run that died - thawed them")
+
+    async def image(entry: Entry) -> None:
+        await free_image(FleecingImage.from_record(entry.data), runner)
+
+    async def output_file(entry: Entry) -> None:
+        remove_output_file(Path(entry.data["path"]))
+
+    async def run_folder(entry: Entry) -> None:
+        remove_run_folder(Path(entry.data["path"]))
+
+    steps: dict[str, Undo] = {kinds.FREEZE.name: freeze, kinds.FLEECING_IMAGE.name: image,
+                              kinds.OUTPUT_FILE.name: output_file, kinds.RUN_FOLDER.name: run_folder}
+    if session is None:
+        return steps
+    s = session
+
+    async def blockdev(entry: Entry) -> None:
+        await delete_node(s, str(entry.data["node"]))
+
+    async def blockjob(entry: Entry) -> None:
+        await cancel_job(s, str(entry.data["job"]))
+
+    async def bitmap(entry: Entry) -> None:
+        await remove_bitmap(s, str(entry.data["node"]), str(entry.data["name"]))
+
+    async def pause(entry: Entry) -> None:
+        await resume_if_paused(s)
+
+    async def drive_filter(entry: Entry) -> None:
+        await restore_device(s, entry.data)
+
+    async def export(entry: Entry) -> None:
+        await delete_export(s, str(entry.data["id"]))
+
+    async def nbd_server(entry: Entry) -> None:
+        await stop_nbd_server(s)
+
+    steps.update({kinds.BLOCKDEV.name: blockdev, kinds.BLOCKJOB.name: blockjob, kinds.BITMAP.name: bitmap,
+                  kinds.PAUSE.name: pause, kinds.DRIVE_FILTER.name: drive_filter,
+                  kinds.BLOCK_EXPORT.name: export, kinds.NBD_SERVER.name: nbd_server})
+    return steps
