@@ -66,6 +66,7 @@ class _BackgroundWriter:
 
     def __init__(self, fd: int, name: str, ionice: int | None) -> None:
         self._fd = fd
+        self._name = name
         self._ionice = ionice
         # A ring of depth + 2 buffers: one queued, one being written, one being filled.
         self._handoff: Handoff[tuple[memoryview, int]] = Handoff(
@@ -113,8 +114,18 @@ class _BackgroundWriter:
         ThreadIonice(self._ionice).enter_current()
         while (item := self._handoff.get()) is not None:
             buf, length = item
-            _write_aligned(self._fd, buf[:length])
+            try:
+                _write_aligned(self._fd, buf[:length])
+            except OSError as exc:
+                raise named(exc, self._name) from None
             self._handoff.done()
+
+
+def named(exc: BaseException, path: str) -> BaseException:
+    """An OSError of a write to ``path`` that says which file it was (``path: No space left on device``)."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror, path)
+    return exc
 
 
 def _write_aligned(fd: int, view: memoryview) -> None:
@@ -148,6 +159,7 @@ class OutputFile(io.FileIO):
     def __init__(self, fd: int, name: str, *, direct: bool, ionice: int | None = None) -> None:
         super().__init__(fd, "wb", closefd=True)
         self._display_name = name
+        self._failure: BaseException | None = None  # a failed write: raised again by every later call
         self._writer: _BackgroundWriter | None = None
         self._view = memoryview(b"")
         self._fill = 0
@@ -168,7 +180,20 @@ class OutputFile(io.FileIO):
     def tell(self) -> int:
         return self._position if self._writer is not None else super().tell()
 
+    def _failed(self, exc: BaseException) -> BaseException:
+        self._failure = self._failure or named(exc, self._display_name)
+        return self._failure
+
     def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
+        """Take ``data``; after a failed write every call raises that failure again (the file is lost)."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            return self._write(data)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def _write(self, data: bytes | bytearray | memoryview, /) -> int:
         view = memoryview(data).cast("B")
         size = len(view)
         if self._writer is None:
@@ -234,8 +259,13 @@ class OutputFile(io.FileIO):
 
     def sync(self) -> None:
         """Write everything and fsync the file."""
-        self._drain()
-        os.fsync(super().fileno())
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._drain()
+            os.fsync(super().fileno())
+        except OSError as exc:
+            raise self._failed(exc) from None
 
     def close(self) -> None:
         if not self.closed:

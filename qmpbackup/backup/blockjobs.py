@@ -77,6 +77,15 @@ def plan_jobs(vmid: int, sources: Sequence[tuple[str, str, int]]) -> list[DriveJ
     ]
 
 
+async def _set_speed(session: QmpSession, job_id: str, speed: int) -> None:
+    """A job that concluded meanwhile (its event not yet handled) needs no new speed."""
+    try:
+        await session.execute("block-job-set-speed", {"device": job_id, "speed": speed})
+    except QmpCommandError:
+        if (await job_states(session)).get(job_id, {}).get("status") not in (None, "concluded", "null"):
+            raise
+
+
 async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[DriveJob], socket: Path,
                          caps: Capabilities) -> None:
     """Add one NBD client node per drive, pointing at our endpoint's export for it."""
@@ -223,7 +232,7 @@ async def run_jobs(
                     if remaining and limit_bps > 0:
                         new_speed = share(limit_bps, len(remaining))
                         for other in sorted(remaining):
-                            await session.execute("block-job-set-speed", {"device": other, "speed": new_speed})
+                            await _set_speed(session, other, new_speed)
                 on_progress(progress)
         except BaseException:
             await _cancel_all(session, journal, entries, remaining)

@@ -41,7 +41,7 @@ from qmpbackup.recovery.journal import Entry, Journal, JournalError, Undo
 from qmpbackup.recovery.replay import Sessions, replay
 from qmpbackup.recovery.spawned import kill_orphans
 from qmpbackup.recovery.state import journal_path
-from qmpbackup.recovery.steps import undo_steps
+from qmpbackup.recovery.steps import open_in_qemu, undo_steps
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ async def cleanup_vm(vmid: int, state_dir: Path, qmp_socket: Path | None, storag
             return report  # a QEMU that may hold our files runs unreached: delete none of them
         in_use: set[str] = set()
         for live in reachable:
-            in_use |= {str(n.get("file")) for n in await live.execute("query-named-block-nodes", {"flat": True})}
+            in_use |= await open_in_qemu(live)
         await remove_files(vmid, storages, in_use, report)
     finally:
         journal.close()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fleecing.graph import delete_export, restore_device, stop_nbd_server
+from fleecing.errors import FleecingError
 from fleecing.images import FleecingImage, free_image
 from fleecing.runner import Runner, run_command
 from qmpbackup.guest_agent.freeze import thaw_left_frozen
@@ -27,6 +28,11 @@ from qmpbackup.recovery.host_files import remove_output_file, remove_run_folder
 from qmpbackup.recovery.journal import Entry, Undo
 
 
+async def open_in_qemu(session: QmpSession) -> set[str]:
+    """The files and devices QEMU's nodes have open."""
+    return {str(n.get("file")) for n in await session.execute("query-named-block-nodes", {"flat": True})}
+
+
 def undo_steps(session: QmpSession | None, *, runner: Runner = run_command,
                say: Callable[[str], None] | None = None) -> dict[str, Undo]:
     """Kind → undo step. Without ``session`` only the kinds that need no QEMU are there.
@@ -40,7 +46,10 @@ def undo_steps(session: QmpSession | None, *, runner: Runner = run_command,
             say("guest filesystems were still frozen by an earlier run that died - thawed them")
 
     async def image(entry: Entry) -> None:
-        await free_image(FleecingImage.from_record(entry.data), runner)
+        found = FleecingImage.from_record(entry.data)
+        if session is not None and found.path in await open_in_qemu(session):
+            raise FleecingError(f"fleecing image {found.path} is still open in QEMU")
+        await free_image(found, runner)
 
     async def output_file(entry: Entry) -> None:
         remove_output_file(Path(entry.data["path"]))

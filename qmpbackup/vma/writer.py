@@ -106,6 +106,7 @@ class VmaWriter:
         self._config_names: set[str] = set()
         self._devices: list[_Device] = []
         self._state = WriterState.COLLECTING
+        self._failure: BaseException | None = None  # what failed the writer: raised again on every call
         self._buf = bytearray(_EXTENT_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._slots: list[int] = []
@@ -191,12 +192,22 @@ class VmaWriter:
         self._emit(header)
         self._cut()
 
+    def _fail(self, exc: BaseException) -> BaseException:
+        """From now on the archive is lost: every later call raises ``exc`` again, nothing reaches the sink."""
+        self._state = WriterState.FAILED
+        if self._failure is None:
+            self._failure = exc
+        return exc
+
+    def _check_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
     def _emit(self, data: bytes | bytearray | memoryview) -> None:
         try:
             self._sink.write(data)
-        except BaseException:
-            self._state = WriterState.FAILED
-            raise
+        except BaseException as exc:
+            raise self._fail(exc)
         self.bytes_written += len(data)
 
     def _new_cluster(self, dev_id: int, cluster_num: int) -> _Device:
@@ -212,6 +223,7 @@ class VmaWriter:
 
     def write_cluster(self, dev_id: int, cluster_num: int, data: bytes | bytearray | memoryview | None) -> None:
         """Add one cluster (F6, W3): 65536 bytes, fewer for a last partial cluster, None = all zero."""
+        self._check_failed()
         if self._state is not WriterState.WRITING:
             self._require(WriterState.COLLECTING)
             self._start()
@@ -240,6 +252,7 @@ class VmaWriter:
         Zero clusters (mask 0) may be given as parts with an empty payload. A part's
         ``frame`` is copied when the sink takes frames; otherwise its payload is written.
         """
+        self._check_failed()
         if self._state is not WriterState.WRITING:
             self._require(WriterState.COLLECTING)
             self._start()
@@ -255,9 +268,8 @@ class VmaWriter:
                     raise VmaError(f"reused clusters hold {stored} blocks but {len(part.payload)} bytes came")
             if len(slots) > fmt.EXTENT_SLOTS:
                 raise VmaError(f"{len(slots)} reused clusters do not fit one extent ({fmt.EXTENT_SLOTS} slots)")
-        except VmaError:
-            self._state = WriterState.FAILED  # some clusters are marked written: this archive is lost
-            raise
+        except VmaError as exc:
+            raise self._fail(exc)  # some clusters are marked written: this archive is lost
         if not slots:
             return
         block_count = sum(len(part.payload) for part in parts) // fmt.BLOCK_SIZE
@@ -267,7 +279,7 @@ class VmaWriter:
         fmt.EXTENT_HEADER.pack_into(header, 0, fmt.EXTENT_MAGIC, 0, block_count, self._uuid.bytes, bytes(16),
                                     *slots, *[0] * (fmt.EXTENT_SLOTS - len(slots)))
         header[fmt.EXTENT_MD5] = hashlib.md5(header).digest()
-        self._emit(bytes(header))
+        self._emit(header)
         self._cut()
         for part in parts:
             if not part.payload:
@@ -281,14 +293,16 @@ class VmaWriter:
 
     def _cut(self) -> None:
         if self._end_frame is not None:
-            self._end_frame()
+            try:
+                self._end_frame()
+            except BaseException as exc:
+                raise self._fail(exc)
 
     def _emit_frame(self, frame: bytes, plain_length: int) -> None:
         try:
             self._sink.write_frame(frame)  # type: ignore[attr-defined]
-        except BaseException:
-            self._state = WriterState.FAILED
-            raise
+        except BaseException as exc:
+            raise self._fail(exc)
         self.bytes_written += plain_length
         self.frames_reused += 1
 
@@ -351,7 +365,7 @@ class VmaWriter:
             for cut in [fmt.EXTENT_HEADER_SIZE, *self._cuts, self._pos]:
                 if cut > start:
                     self._emit(self._view[start:cut])
-                    self._end_frame()
+                    self._cut()
                     start = cut
         self.extents_written += 1
         self._slots = []
@@ -365,15 +379,15 @@ class VmaWriter:
         """
         if self._state is WriterState.CLOSED:
             return
+        self._check_failed()
         self._require(WriterState.COLLECTING, WriterState.WRITING)
         for dev in self._devices:
             missing = dev.seen.first_missing()
             if missing is not None:
-                self._state = WriterState.FAILED
-                raise VmaError(
+                raise self._fail(VmaError(
                     f"device {dev.name}: cluster {missing} was never written "
                     f"({dev.clusters - dev.seen.seen} of {dev.clusters} clusters missing)"
-                )
+                ))
         if self._state is WriterState.COLLECTING:
             self._start()
         self._flush()

@@ -134,3 +134,27 @@ async def test_cbw_bitmap_limits_the_snapshot_to_dirty_areas(world: WorldFactory
         await w.session.execute("nbd-server-stop")
         await fl.teardown()
         assert not w.journal.pending()
+
+
+async def test_a_node_left_by_an_earlier_run_is_never_journaled_as_ours(world: WorldFactory, tmp_path: Path) -> None:
+    """A node under our name that already exists (an earlier run's, its journal lost) makes prepare fail
+    before anything is recorded for it: teardown and the journal never delete it as this run's."""
+    from fleecing.errors import GraphError
+    from fleecing.graph import DriveNames
+
+    src = random_disk(tmp_path / "disk.raw", SIZE)
+    async with world([DriveSpec(src, bus="scsi", style="blockdev", dev_id="scsi0", node_name="disk0")]) as w:
+        (tmp_path / "store").mkdir()
+        plan = await w.plan(dir_storage(tmp_path / "store"))
+        leftover = DriveNames.of(VMID, "scsi0").fleece_file
+        await w.session.execute("blockdev-add", {"driver": "null-co", "node-name": leftover, "size": SIZE})
+        fl = Fleecing(w.session, w.journal, w.caps, VMID, list(w.disks.values()), plan, rundir=w.rundir,
+                      qemu_img=str(w.qemu.img), reclaim=False)
+        with pytest.raises(GraphError, match="already exists"):
+            await fl.prepare()
+        assert not [e for e in w.journal.pending() if e.data.get("node") == leftover]
+        await fl.teardown()
+        assert await replay(w.journal, Sessions(VMID, w.session)) == []
+        nodes = {n["node-name"] for n in await w.session.execute("query-named-block-nodes", {"flat": True})}
+        assert leftover in nodes, "not ours to delete: cleanup's by-name pass removes it"
+        assert not list((tmp_path / "store/images/100").iterdir())

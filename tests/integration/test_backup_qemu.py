@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpbackup.store.names import temp_name
 from tests.support.backup import (
     BackupRun,
     Monitor,
@@ -172,8 +173,11 @@ def test_stopped_vm_is_spawned_paused_and_stopped_again(qemu: QemuBinaries, tmp_
     assert leftover.stdout == "", "the spawned QEMU is gone"
 
 
-def test_full_dump_dir_fails_cleanly(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path) -> None:
-    """The dump folder is a 2 MiB tmpfs; 8 MiB of random data cannot fit."""
+@pytest.mark.parametrize("compress", ["0", "zstd"])
+def test_full_dump_dir_fails_cleanly(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path,
+                                     compress: str) -> None:
+    """The dump folder is a 2 MiB tmpfs; 8 MiB of random data cannot fit: one ERROR line naming
+    the dump file, exit 1, nothing left (no .dat, no journal, no nodes, no jobs)."""
     disk = make_image(qemu.img, qemu.io, tmp_path / "d.raw", "raw", 8 * MiB)
     random_fill(disk, 0, 8 * MiB)
     vm = qemu_vm([_drive(disk, "scsi0", "scsi", "raw", "drive")], extra_args=monitor_args(mon_dir))
@@ -183,11 +187,15 @@ def test_full_dump_dir_fails_cleanly(qemu: QemuBinaries, qemu_vm, tmp_path: Path
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(run.dumpdir)], check=True)
     try:
         nodes_before = mon.node_names()
-        r = run.run("100", "--qmp", str(vm.qmp_path))
+        r = run.run("100", "--qmp", str(vm.qmp_path), "--compress", compress)
         assert r.returncode == 1, r.stderr
-        assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
-        assert "ERROR: Backup of VM 100 failed - " in r.stderr and "internal error" not in r.stderr
+        errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
+        archive = run.dumpdir / next(run.dumpdir.glob("*.log")).name.replace(
+            ".log", ".vma.zst" if compress == "zstd" else ".vma")
+        assert errors == [f"ERROR: Backup of VM 100 failed - {temp_name(archive)}: No space left on device"], r.stderr
+        assert "Traceback" not in r.stderr and "WARN" not in r.stderr, r.stderr
         assert not run.leftovers() and not run.archives()
+        assert not (tmp_path / "state" / "journal" / "100.jsonl").exists()
         assert mon.node_names() == nodes_before
         assert mon.cmd("query-block-jobs") == []
     finally:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import select
 import shutil
 import signal
 import statistics
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.backup import BackupRun, Monitor, dir_fleecing_storage
+from tests.support.backup import BackupRun, HeldRun, Monitor, dir_fleecing_storage
 from tests.support.guest import (  # noqa: F401  (fixtures)
     GuestFactory,
     GuestImage,
@@ -44,7 +42,6 @@ pytestmark = [pytest.mark.guest, pytest.mark.qemu, pytest.mark.timeout(900)]
 
 RESUME_LIMIT_S = 2.0
 LOADED_LIMIT_S = 10.0  # the bound when the machine is busier than it has cores
-HOLD_ENV = "QMPBACKUP_TEST_HOLD"
 RANDOM_KILLS = 2  # per QEMU version and fleecing setting, besides one kill at each point
 
 
@@ -76,50 +73,6 @@ def _limit() -> float:
 def _cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-class HeldRun:
-    """A backup started in its own process group, held at points of its window."""
-
-    def __init__(self, run: BackupRun, hold: str, *args: str) -> None:
-        env = {**os.environ, HOLD_ENV: hold}
-        self.proc = subprocess.Popen(run.argv(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env=env, start_new_session=True)
-        self.err = b""
-        self.points: list[str] = []
-
-    def wait_point(self, point: str, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while point not in self.points:
-            left = deadline - time.monotonic()
-            assert left > 0, f"the run never reached {point}:\n{self.err.decode(errors='replace')}"
-            self._read(left)
-
-    def read_available(self) -> None:
-        before = -1
-        while len(self.err) != before:
-            before = len(self.err)
-            self._read(0)
-
-    def _read(self, timeout: float) -> None:
-        assert self.proc.stderr is not None
-        ready, _, _ = select.select([self.proc.stderr], [], [], timeout)
-        if not ready:
-            return
-        chunk = os.read(self.proc.stderr.fileno(), 65536)
-        if not chunk:
-            raise AssertionError(f"the run ended (status {self.proc.wait()}):\n{self.err.decode(errors='replace')}")
-        self.err += chunk
-        self.points = re.findall(r"qmpbackup-test: at (\w+)", self.err.decode(errors="replace"))
-
-    def kill(self) -> float:
-        """SIGKILL the run's process group; returns the moment of the kill."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        self.proc.wait(timeout=30)
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
-        return killed
 
 
 def _guard_pids(socket_path: Path) -> list[int]:

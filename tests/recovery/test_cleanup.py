@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from qmpbackup.qemu.session import QmpSession
@@ -32,11 +36,13 @@ BUILDER = textwrap.dedent("""
     from qmpbackup.qemu.capabilities import probe
     from qmpbackup.qemu.discovery import discover_disks
     from qmpbackup.qemu.session import QmpSession
+    from qmpbackup.recovery.replay import qemu_instance
 
     async def main(sock, state, config, rundir, qemu_img):
         session = QmpSession("100", sock)
         await session.connect()
         journal = Journal.open(Path(state) / "journal" / "100.jsonl")
+        journal.bind(qemu_instance(session))  # as the backup does
         caps = await probe(session)
         disks = await discover_disks(session, "100")
         storage = fleecing_storage(load_storage_cfg(Path(config)), "fleece")
@@ -56,8 +62,11 @@ async def _graph(sock: Path) -> dict[str, Any]:
         blocks = await s.execute("query-block")
         nodes = await s.execute("query-named-block-nodes", {"flat": True})
         exports = await s.execute("query-block-exports")
+        pid = s.peer_pid()
+    assert pid is not None
+    listening = {str(c.laddr) for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr and not c.raddr}
     return {"devices": sorted((b.get("qdev"), (b.get("inserted") or {}).get("node-name")) for b in blocks),
-            "nodes": sorted(n["node-name"] for n in nodes), "exports": exports}
+            "nodes": sorted(n["node-name"] for n in nodes), "exports": exports, "listening": sorted(listening)}
 
 
 def graph(sock: Path) -> dict[str, Any]:
@@ -69,9 +78,15 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, cwd=ROOT)
 
 
-@pytest.mark.parametrize("journal", ["journal", "no-journal", "qemu-gone"])
+@pytest.mark.parametrize("journal", ["journal", "journal-only", "no-journal", "torn-journal", "qemu-gone",
+                                     "vm-restarted"])
 def test_cleanup_after_sigkill(qemu: QemuBinaries, qemu_vm: Any, tmp_path: Path, isolated_config: Path,
                                journal: str) -> None:
+    """A process that built the fleecing graph (and, on QEMU 7.2, started QEMU's NBD server for the
+    TRIM path in a run folder) is killed; then ``cleanup`` finds the VM's QEMU through the guest
+    definition, through the journal alone (no --qmp, no guest definition), or through --qmp without
+    a journal (by name), with half a journal (by name, then the journal again), after QEMU died, or
+    after the VM was restarted (its entries are of a QEMU that is gone)."""
     store = tmp_path / "store"
     store.mkdir()
     (isolated_config / "storage.cfg").write_text(f"dir: fleece\n\tpath {store}\n\tcontent images\n")
@@ -81,8 +96,9 @@ def test_cleanup_after_sigkill(qemu: QemuBinaries, qemu_vm: Any, tmp_path: Path,
     vm: RunningQemu = qemu_vm(drives)
     original = graph(vm.qmp_path)
     state = tmp_path / "state"
+    rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{VMID}-", dir="/tmp"))  # as the backup names it
     builder = subprocess.Popen(
-        [sys.executable, "-c", BUILDER, str(vm.qmp_path), str(state), str(isolated_config), str(vm.rundir),
+        [sys.executable, "-c", BUILDER, str(vm.qmp_path), str(state), str(isolated_config), str(rundir),
          str(qemu.img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -100,11 +116,19 @@ def test_cleanup_after_sigkill(qemu: QemuBinaries, qemu_vm: Any, tmp_path: Path,
     assert jpath.exists()
     if journal == "no-journal":
         jpath.unlink()
-    if journal == "qemu-gone":
+    if journal == "torn-journal":  # the entries of the device's filter are lost: the replay alone fails
+        lines = jpath.read_text().splitlines()
+        jpath.write_text("".join(f"{line}\n" for line in lines if '"drive-filter"' not in line))
+    if journal in ("qemu-gone", "vm-restarted"):
         vm.kill()
+    if journal == "vm-restarted":
+        vm = qemu_vm(drives, name="vm2")
+        original = graph(vm.qmp_path)
     if journal == "journal":  # the socket from the guest definition's [qmpbackup] qmp
         (isolated_config / "guests").mkdir()
         (isolated_config / "guests" / f"{VMID}.conf").write_text(f"name: t\n\n[qmpbackup]\nqmp: {vm.qmp_path}\n")
+        where = []
+    elif journal == "journal-only":  # no guest definition, no --qmp: the socket the journal recorded
         where = []
     else:
         where = ["--qmp", str(vm.qmp_path)]
@@ -115,8 +139,11 @@ def test_cleanup_after_sigkill(qemu: QemuBinaries, qemu_vm: Any, tmp_path: Path,
     assert report["qemu"] is (journal != "qemu-gone")
     assert not any(p.exists() for p in images)
     assert not jpath.exists()
+    if journal in ("qemu-gone", "vm-restarted"):
+        assert any("that is gone" in line for line in report["actions"]), report
     if journal != "qemu-gone":
         assert graph(vm.qmp_path) == original
+    shutil.rmtree(rundir, ignore_errors=True)
     again = cli("cleanup", str(VMID), "--state-dir", str(state), "--qmp", str(vm.qmp_path))
     assert again.returncode == 0 and "nothing to clean up" in again.stdout, again.stderr
 
@@ -174,3 +201,44 @@ def test_cleanup_kills_orphaned_spawned_qemu(tmp_path: Path) -> None:
         if orphan.poll() is None:
             orphan.kill()
             orphan.wait()
+
+
+def test_cleanup_keeps_everything_of_a_running_qemu_it_cannot_reach(qemu: QemuBinaries, qemu_vm: Any,
+                                                                    tmp_path: Path, isolated_config: Path) -> None:
+    """QEMU runs but its QMP socket is held by another client: nothing is taken for gone, no fleecing
+    file is deleted, the journal stays and cleanup says why (exit 1); once QEMU answers, it all goes."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (isolated_config / "storage.cfg").write_text(f"dir: fleece\n\tpath {store}\n\tcontent images\n")
+    vm: RunningQemu = qemu_vm([DriveSpec(random_disk(tmp_path / "d0.raw", 4 * MiB), bus="scsi", dev_id="scsi0")])
+    original = graph(vm.qmp_path)
+    state = tmp_path / "state"
+    rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{VMID}-", dir="/tmp"))
+    builder = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(vm.qmp_path), str(state), str(isolated_config), str(rundir),
+         str(qemu.img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert builder.stdout is not None
+        assert builder.stdout.readline().strip() == "READY", builder.stderr.read() if builder.stderr else ""
+    finally:
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(10)
+    jpath = state / "journal" / f"{VMID}.jsonl"
+    images = sorted((store / "images" / str(VMID)).iterdir())
+    built = graph(vm.qmp_path)
+    holder = socket.socket(socket.AF_UNIX)
+    holder.connect(str(vm.qmp_path))  # QMP serves one client at a time
+    try:
+        r = cli("cleanup", str(VMID), "--state-dir", str(state))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "cannot be reached" in r.stdout and "FAILED" in r.stdout, r.stdout
+        assert all(p.exists() for p in images) and jpath.exists()
+    finally:
+        holder.close()
+    assert graph(vm.qmp_path) == built
+    r = cli("cleanup", str(VMID), "--state-dir", str(state))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert graph(vm.qmp_path) == original
+    assert not any(p.exists() for p in images) and not jpath.exists()
+    shutil.rmtree(rundir, ignore_errors=True)

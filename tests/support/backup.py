@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -141,3 +143,51 @@ def dir_fleecing_storage(config_dir: Path, path: Path, storeid: str = "fast") ->
     path.mkdir()
     (config_dir / "storage.cfg").write_text(f"dir: {storeid}\n\tpath {path}\n\tcontent images\n")
     return path
+
+
+#: The test-only hook of qmpbackup/backup/kill_points.py.
+HOLD_ENV = "QMPBACKUP_TEST_HOLD"
+
+
+class HeldRun:
+    """A backup started in its own process group, held at points of its window."""
+
+    def __init__(self, run: BackupRun, hold: str, *args: str, env: dict[str, str] | None = None) -> None:
+        env = {**(env or os.environ), HOLD_ENV: hold}
+        self.proc = subprocess.Popen(run.argv(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=env, start_new_session=True)
+        self.err = b""
+        self.points: list[str] = []
+
+    def wait_point(self, point: str, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while point not in self.points:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the run never reached {point}:\n{self.err.decode(errors='replace')}"
+            self._read(left)
+
+    def read_available(self) -> None:
+        before = -1
+        while len(self.err) != before:
+            before = len(self.err)
+            self._read(0)
+
+    def _read(self, timeout: float) -> None:
+        assert self.proc.stderr is not None
+        ready, _, _ = select.select([self.proc.stderr], [], [], timeout)
+        if not ready:
+            return
+        chunk = os.read(self.proc.stderr.fileno(), 65536)
+        if not chunk:
+            raise AssertionError(f"the run ended (status {self.proc.wait()}):\n{self.err.decode(errors='replace')}")
+        self.err += chunk
+        self.points = re.findall(r"qmpbackup-test: at (\w+)", self.err.decode(errors="replace"))
+
+    def kill(self) -> float:
+        """SIGKILL the run's process group; returns the moment of the kill."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        self.proc.wait(timeout=30)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return killed

@@ -289,3 +289,36 @@ def test_reused_extents_read_back_through_a_plain_sink() -> None:
 
 def fmt_part(slot: tuple[int, int, int], payload: bytes, frame: bytes | None = None) -> ReusedPart:
     return ReusedPart((slot,), payload, frame)
+
+
+def test_a_failed_writer_accepts_no_more_clusters() -> None:
+    """Once the sink failed (the dump disk is full), every call raises that error again and nothing
+    more reaches the sink: also when the failure came from cutting a frame (zstd's frame flush)."""
+
+    class FullSink(_FramedSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fail_cut = False
+
+        def end_frame(self) -> None:
+            if self.fail_cut:
+                raise OSError(28, "No space left on device", "/dump/x.vma.zst.dat")
+            super().end_frame()
+
+    sink = FullSink()
+    writer = VmaWriter(sink)
+    dev = writer.add_device("d", 200 * CLUSTER_SIZE)
+    writer.write_cluster(dev, 0, b"a" * CLUSTER_SIZE)
+    sink.fail_cut = True
+    with pytest.raises(OSError) as first:
+        for cluster in range(1, 100):
+            writer.write_cluster(dev, cluster, b"b" * CLUSTER_SIZE)
+    assert writer.state is WriterState.FAILED
+    written = len(sink.data)
+    sink.fail_cut = False
+    for call in (lambda: writer.write_cluster(dev, 150, b"c" * CLUSTER_SIZE), writer.close,
+                 lambda: writer.write_reused_extent([fmt_part((dev, 151, 0), b"")])):
+        with pytest.raises(OSError) as again:
+            call()
+        assert again.value is first.value
+    assert len(sink.data) == written
