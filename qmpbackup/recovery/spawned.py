@@ -1,7 +1,8 @@
 """Records of the QEMU processes we spawned, so that none outlives us.
 
-Each spawned QEMU gets a small JSON file in ``<state-dir>/spawned`` naming its pid and start time and ours. Normally the spawner deletes the
-record when it stops QEMU. If we were killed with SIGKILL, nothing ran: the next run
+Each spawned QEMU gets a small JSON file in ``<state-dir>/spawned`` naming its pid and
+start time and ours (docs/format.md, "Spawned-QEMU records"). Normally the spawner deletes
+the record when it stops QEMU. If we were killed with SIGKILL, nothing ran: the next run
 calls :func:`kill_orphans`, which kills every recorded QEMU whose owner is gone —
 after checking that the pid still belongs to the same process (its create time), so a
 recycled pid is never killed.

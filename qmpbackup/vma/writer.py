@@ -207,7 +207,8 @@ class VmaWriter:
         try:
             self._sink.write(data)
         except BaseException as exc:
-            raise self._fail(exc)
+            self._fail(exc)
+            raise
         self.bytes_written += len(data)
 
     def _new_cluster(self, dev_id: int, cluster_num: int) -> _Device:
@@ -269,7 +270,8 @@ class VmaWriter:
             if len(slots) > fmt.EXTENT_SLOTS:
                 raise VmaError(f"{len(slots)} reused clusters do not fit one extent ({fmt.EXTENT_SLOTS} slots)")
         except VmaError as exc:
-            raise self._fail(exc)  # some clusters are marked written: this archive is lost
+            self._fail(exc)  # some clusters are marked written: this archive is lost
+            raise
         if not slots:
             return
         block_count = sum(len(part.payload) for part in parts) // fmt.BLOCK_SIZE
@@ -296,13 +298,15 @@ class VmaWriter:
             try:
                 self._end_frame()
             except BaseException as exc:
-                raise self._fail(exc)
+                self._fail(exc)
+                raise
 
     def _emit_frame(self, frame: bytes, plain_length: int) -> None:
         try:
             self._sink.write_frame(frame)  # type: ignore[attr-defined]
         except BaseException as exc:
-            raise self._fail(exc)
+            self._fail(exc)
+            raise
         self.bytes_written += plain_length
         self.frames_reused += 1
 

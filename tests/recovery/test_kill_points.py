@@ -3,8 +3,9 @@
 The run is held at a point with the test-only ``QMPBACKUP_TEST_HOLD`` (qmpbackup/backup/kill_points.py)
 and killed with its whole process group. Then either ``qmpbackup cleanup 100`` runs (without
 ``--qmp`` and without a guest definition: it must find QEMU through the journal) or just the next
-backup does (alternating, swapped between the QEMU versions, so every point gets both), and everything README promises is checked: no block jobs, exports or extra nodes, the
-devices on their own nodes, QEMU listening on the sockets it had and no other, only the bitmaps of
+backup does (alternating, swapped between the QEMU versions, so every point gets both), and
+everything README promises is checked: no block jobs, exports or extra nodes, the devices on their
+own nodes, QEMU listening on the sockets it had and no other, only the bitmaps of
 the newest good archive, no fleecing image, no ``.dat``, no run folder, no journal, no process of
 ours; the next backup verifies. One paused QEMU per version serves every point (the guest's
 freeze does not matter here: tests/integration/test_freeze_guard.py kills inside the window on the
