@@ -73,6 +73,23 @@ def graph(sock: Path) -> dict[str, Any]:
     return asyncio.run(_graph(sock))
 
 
+def build_and_kill(vm: RunningQemu, state: Path, config: Path, qemu: QemuBinaries) -> Path:
+    """Run BUILDER against ``vm`` and SIGKILL it once the graph is built; returns its run folder
+    (named as the backup names it, so cleanup recognises QEMU's NBD server socket in it)."""
+    rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{VMID}-", dir="/tmp"))
+    builder = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(vm.qmp_path), str(state), str(config), str(rundir), str(qemu.img)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert builder.stdout is not None
+        assert builder.stdout.readline().strip() == "READY", builder.stderr.read() if builder.stderr else ""
+    finally:
+        builder.send_signal(signal.SIGKILL)
+        builder.wait(10)
+    return rundir
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
@@ -96,18 +113,7 @@ def test_cleanup_after_sigkill(qemu: QemuBinaries, qemu_vm: Any, tmp_path: Path,
     vm: RunningQemu = qemu_vm(drives)
     original = graph(vm.qmp_path)
     state = tmp_path / "state"
-    rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{VMID}-", dir="/tmp"))  # as the backup names it
-    builder = subprocess.Popen(
-        [sys.executable, "-c", BUILDER, str(vm.qmp_path), str(state), str(isolated_config), str(rundir),
-         str(qemu.img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        assert builder.stdout is not None
-        line = builder.stdout.readline()
-        assert line.strip() == "READY", builder.stderr.read() if builder.stderr else ""
-    finally:
-        builder.send_signal(signal.SIGKILL)
-        builder.wait(10)
+    rundir = build_and_kill(vm, state, isolated_config, qemu)
     images = sorted((store / "images" / str(VMID)).iterdir())
     assert [p.name for p in images] == [f"vm-{VMID}-fleece-0.qcow2", f"vm-{VMID}-fleece-1.qcow2"]
     built = graph(vm.qmp_path)
@@ -213,17 +219,7 @@ def test_cleanup_keeps_everything_of_a_running_qemu_it_cannot_reach(qemu: QemuBi
     vm: RunningQemu = qemu_vm([DriveSpec(random_disk(tmp_path / "d0.raw", 4 * MiB), bus="scsi", dev_id="scsi0")])
     original = graph(vm.qmp_path)
     state = tmp_path / "state"
-    rundir = Path(tempfile.mkdtemp(prefix=f"qmpbackup-{VMID}-", dir="/tmp"))
-    builder = subprocess.Popen(
-        [sys.executable, "-c", BUILDER, str(vm.qmp_path), str(state), str(isolated_config), str(rundir),
-         str(qemu.img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        assert builder.stdout is not None
-        assert builder.stdout.readline().strip() == "READY", builder.stderr.read() if builder.stderr else ""
-    finally:
-        builder.send_signal(signal.SIGKILL)
-        builder.wait(10)
+    rundir = build_and_kill(vm, state, isolated_config, qemu)
     jpath = state / "journal" / f"{VMID}.jsonl"
     images = sorted((store / "images" / str(VMID)).iterdir())
     built = graph(vm.qmp_path)
