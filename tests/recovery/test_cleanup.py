@@ -158,7 +158,7 @@ def test_cleanup_usage_errors(tmp_path: Path) -> None:
     r = cli("cleanup", "--qmp", "/x")
     assert r.returncode == 2 and "--qmp needs a VMID" in r.stderr and "Traceback" not in r.stderr
     r = cli("cleanup", "abc", "--state-dir", str(tmp_path))
-    assert r.returncode == 2 and "not a number" in r.stderr
+    assert r.returncode == 2 and "not a whole number" in r.stderr
     r = cli("cleanup", "--state-dir", str(tmp_path))
     assert r.returncode == 0 and r.stdout == ""
 
