@@ -15,8 +15,9 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -43,6 +44,28 @@ class ProcessRecord:
     def file_name(self) -> str:
         return f"qemu-{self.vmid}-{self.pid}.json"
 
+    def as_record(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in RECORD_KEYS}
+
+    @classmethod
+    def from_record(cls, data: Any) -> ProcessRecord:
+        """The record in a file, checked key by key (docs/format.md); ValueError names what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        for key, typ in RECORD_KEYS.items():
+            value = data.get(key)
+            ok = isinstance(value, (int, float) if typ is float else typ) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"key {key!r} missing or not {typ.__name__}")
+        return cls(vmid=data["vmid"], pid=data["pid"], create_time=float(data["create_time"]),
+                   owner_pid=data["owner_pid"], owner_create_time=float(data["owner_create_time"]),
+                   rundir=data["rundir"])
+
+
+#: The keys of a record file and their types (docs/format.md, "Spawned-QEMU records").
+RECORD_KEYS: dict[str, type] = {"vmid": int, "pid": int, "create_time": float, "owner_pid": int,
+                                "owner_create_time": float, "rundir": str}
+
 
 def process_create_time(pid: int) -> float | None:
     """The start time of ``pid``, or None if there is no such (live) process."""
@@ -67,7 +90,7 @@ def write_record(state_dir: Path, record: ProcessRecord) -> Path:
     path = directory / record.file_name
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(asdict(record), f)
+        json.dump(record.as_record(), f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -89,8 +112,8 @@ def read_records(state_dir: Path) -> list[ProcessRecord]:
         return out
     for path in sorted(directory.glob("qemu-*.json")):
         try:
-            out.append(ProcessRecord(**json.loads(path.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, TypeError) as e:
+            out.append(ProcessRecord.from_record(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as e:
             log.warning("dropping unreadable spawn record %s: %s", path, e)
             path.unlink(missing_ok=True)
     return out

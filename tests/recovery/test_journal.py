@@ -160,3 +160,20 @@ async def test_entries_of_a_running_unreachable_qemu_are_kept(tmp_path: Path) ->
         assert len(j.pending()) == 2
     assert len(failures) == 1 and "kept 2 journal entries" in failures[0] and "cannot be reached" in failures[0]
     assert sessions.unreachable()
+
+
+def test_spawn_records_are_checked_key_by_key(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from qmpbackup.recovery.spawned import ProcessRecord, read_records, write_record
+    from qmpbackup.recovery.state import spawn_records_dir
+
+    good = ProcessRecord(100, 4242, 1.5, 4343, 2.5, "/tmp/qmpbackup-x")
+    write_record(tmp_path, good)
+    folder = spawn_records_dir(tmp_path)
+    (folder / "qemu-101-1.json").write_text('{"vmid": 101, "pid": "1", "create_time": 1, "owner_pid": 2, '
+                                            '"owner_create_time": 2, "rundir": "/x"}')
+    (folder / "qemu-102-1.json").write_text('{"vmid": 102, "pid": 1}')
+    (folder / "qemu-103-1.json").write_text('[1, 2]')
+    assert read_records(tmp_path) == [good]
+    assert sorted(p.name for p in folder.iterdir()) == [good.file_name]
+    assert "key 'pid' missing or not int" in caplog.text and "key 'create_time'" in caplog.text
+    assert "not a JSON object" in caplog.text
