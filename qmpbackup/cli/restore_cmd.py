@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpbackup.cli.common import Context, option_arg
+from qmpbackup.errors import UsageError
 from qmpbackup.guest_config import check_vmid
 from qmpbackup.jobs.storage_cfg import (
     load_storage_cfg,
@@ -16,7 +17,7 @@ from qmpbackup.jobs.storage_cfg import (
 )
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 from qmpbackup.restore import RestoreOptions, restore
-from qmpbackup.restore.live import live_restore
+from qmpbackup.restore.live import live_restore, resume_live_restore
 from qmpbackup.restore.malloc_tuning import keep_large_buffers
 
 
@@ -29,7 +30,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "without --force, and a failed restore leaves nothing behind.",
     )
     p.add_argument("archive", metavar="ARCHIVE", help="archive file, or - to read from stdin")
-    p.add_argument("vmid", metavar="VMID", help="the VM id to restore as (100-999999999)")
+    p.add_argument("vmid", metavar="VMID", nargs="?",
+                   help="the VM id to restore as (100-999999999); with --live --resume the only argument")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--target-dir", metavar="DIR", type=Path, help="write the images into this existing directory")
     where.add_argument("--storage", metavar="ID",
@@ -51,6 +53,9 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",
                    help=f"--live: where the archive's export socket and the VM's sockets live "
                    f"(default {DEFAULT_RUN_DIR})")
+    p.add_argument("--resume", action="store_true",
+                   help="--live: serve the archive again for VMID's live restore whose qmpbackup died, and finish "
+                   "its copy (within 60 s the guest sees a delay, not an I/O error)")
     p.set_defaults(run=run)
 
 
@@ -68,6 +73,13 @@ def _bwlimit_kib(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int | Coroutine[Any, Any, int]:
+    if args.resume:
+        if not args.live or args.vmid is not None:
+            raise UsageError("--resume goes with --live and one VMID: qmpbackup restore --live --resume VMID "
+                             "(see 'qmpbackup restore --help')")
+        return _resume(check_vmid(args.archive), args.run_dir)
+    if args.vmid is None:
+        raise UsageError("restore needs ARCHIVE and VMID (see 'qmpbackup restore --help')")
     opts = RestoreOptions(
         archive=args.archive,
         vmid=check_vmid(args.vmid),
@@ -84,6 +96,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int | Coroutine[Any, Any, int
         return _live(opts, args.run_dir)
     keep_large_buffers()
     restore(opts)
+    return 0
+
+
+async def _resume(vmid: int, run_dir: Path) -> int:
+    await resume_live_restore(vmid, run_dir)
     return 0
 
 

@@ -88,14 +88,26 @@ async def _devices_of(session: QmpSession, images: dict[str, ImagePlan]) -> dict
 
 
 async def _stream(session: QmpSession, devices: dict[str, ImagePlan], speed: int, started: float) -> None:
-    """One block-stream job per disk; progress lines; the VM paused when a job fails."""
+    """One block-stream job per disk (a job still there from a killed run is resumed); progress lines;
+    the VM paused when a job fails."""
     async with session.events(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"]) as events:
+        running = {j["device"]: j for j in await session.execute("query-block-jobs")}
+        backed = {dev.get("device") or (dev.get("inserted") or {}).get("node-name")
+                  for dev in await session.execute("query-block")
+                  if (dev.get("inserted") or {}).get("backing_file")}
+        pending = set()
         for device in devices:
-            args: dict[str, object] = {"job-id": JOB_PREFIX + device, "device": device, "on-error": "stop"}
-            if speed:
-                args["speed"] = speed
-            await session.execute("block-stream", args)
-        pending = {JOB_PREFIX + d for d in devices}
+            job = JOB_PREFIX + device
+            if job in running:
+                if running[job].get("status") == "paused" or running[job].get("paused"):
+                    await session.execute("block-job-resume", {"device": job})
+                pending.add(job)
+            elif device in backed:
+                args: dict[str, object] = {"job-id": job, "device": device, "on-error": "stop"}
+                if speed:
+                    args["speed"] = speed
+                await session.execute("block-stream", args)
+                pending.add(job)
         total = sum(p.size for p in devices.values())
         last = time.monotonic()
         while pending:
@@ -169,7 +181,7 @@ async def live_restore(opts: RestoreOptions, run_dir: Path) -> GuestDefinition:
         try:
             async with _served(archive, socket) as exports:
                 _publish_overlays(plan.images, plan.text, def_path, socket, exports, opts)
-                await _run_vm_and_stream(plan.definition, plan.images, opts, run_dir)
+                await _run_vm_and_stream(plan.definition, plan.images, opts, run_dir, folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     log.info("restored VM %d: %s", opts.vmid, def_path)
@@ -194,7 +206,7 @@ def _publish_overlays(images: list[ImagePlan], text: str, def_path: Path, socket
 
 
 async def _run_vm_and_stream(defn: GuestDefinition, images: list[ImagePlan], opts: RestoreOptions,
-                             run_dir: Path) -> None:
+                             run_dir: Path, folder: Path) -> None:
     started = time.monotonic()
     if defn.reach.start:
         await asyncio.to_thread(start_guest, defn)  # QEMU opens its backing from our loop meanwhile
@@ -207,5 +219,49 @@ async def _run_vm_and_stream(defn: GuestDefinition, images: list[ImagePlan], opt
     async with QmpSession(defn.vmid, qmp) as session:
         devices = await _devices_of(session, {p.virtdev: p for p in images})
         speed = opts.bwlimit_kib * 1024 // max(len(devices), 1)
+        _write_state(folder, Path(opts.archive).resolve(), qmp, devices, speed)
         await _stream(session, devices, speed, started)
     log.info("the VM was up %d seconds before the copy finished", time.monotonic() - started)
+
+
+def _write_state(folder: Path, archive: Path, qmp: Path, devices: dict[str, ImagePlan], speed: int) -> None:
+    """What ``--resume`` needs after this process died: the archive, the VM's QMP socket, the jobs."""
+    state = {"archive": str(archive), "qmp": str(qmp), "speed": speed,
+             "devices": {d: {"image": str(p.final), "size": p.size} for d, p in devices.items()}}
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(folder / "state.json")
+
+
+async def resume_live_restore(vmid: int, run_dir: Path) -> None:
+    """Serve the archive again for a live restore whose qmpbackup died, and see its copy to the end.
+
+    QEMU's NBD client waits ``RECONNECT_DELAY_S`` for the export: resumed within that, the guest
+    sees a delay, not an I/O error.
+    """
+    vmid = check_vmid(vmid)
+    folder = run_dir / "live-restore" / str(vmid)
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        archive, qmp, speed = Path(state["archive"]), Path(state["qmp"]), int(state["speed"])
+        images = {d: (Path(v["image"]), int(v["size"])) for d, v in state["devices"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"no live restore of VM {vmid} to resume in {folder}") from exc
+    (folder / "nbd.sock").unlink(missing_ok=True)
+    started = time.monotonic()
+    log.info("resuming the live restore of VM %d from %s", vmid, archive)
+    try:
+        async with _served(archive, folder / "nbd.sock"), QmpSession(vmid, qmp) as session:
+            devices = {d: _ResumedImage(path, size) for d, (path, size) in images.items()}
+            await _stream(session, devices, speed, started)  # type: ignore[arg-type]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    log.info("live restore of VM %d finished", vmid)
+
+
+class _ResumedImage:
+    """The two facts of an ImagePlan that the copy needs, read back from the state file."""
+
+    def __init__(self, final: Path, size: int) -> None:
+        self.final = final
+        self.size = size

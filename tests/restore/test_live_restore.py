@@ -86,7 +86,10 @@ def test_live_restore_serves_the_guest_while_copying(tmp_path: Path, guest_image
             proc.kill()
         subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "stop", "100", "--run-dir", str(run_dir),
                         "--timeout", "60"], capture_output=True, timeout=120)
-    image = target / "vm-100-disk-0.qcow2"
+    _check_image(tmp_path, target / "vm-100-disk-0.qcow2", b"written live\n")
+
+
+def _check_image(tmp_path: Path, image: Path, live_text: bytes | None) -> None:
     info = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True,
                           check=True).stdout
     assert "backing-filename" not in info
@@ -95,5 +98,52 @@ def test_live_restore_serves_the_guest_while_copying(tmp_path: Path, guest_image
     assert subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True).returncode == 0
     dump = subprocess.run(["debugfs", "-R", "cat /keep/payload.bin", str(raw)], capture_output=True, check=True)
     assert dump.stdout == PAYLOAD
-    live = subprocess.run(["debugfs", "-R", "cat /live.txt", str(raw)], capture_output=True, check=True)
-    assert live.stdout == b"written live\n"
+    if live_text is not None:
+        live = subprocess.run(["debugfs", "-R", "cat /live.txt", str(raw)], capture_output=True, check=True)
+        assert live.stdout == live_text
+
+
+def test_a_killed_live_restore_resumes_without_guest_io_errors(tmp_path: Path, guest_image: GuestImage,  # noqa: F811
+                                                                 isolated_config: Path) -> None:
+    archive = _archive(tmp_path, guest_image)
+    target, run_dir = tmp_path / "images", tmp_path / "run"
+    target.mkdir()
+    cmd = [sys.executable, "-m", "qmpbackup.cli.main", "restore"]
+    proc = subprocess.Popen([*cmd, str(archive), "100", "--live", "--target-dir", str(target),
+                             "--run-dir", str(run_dir), "--bwlimit", "1024"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    qga = run_dir / "vms" / "100" / "qga.sock"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                asyncio.run(_agent_call(qga, "guest-ping"))
+                break
+            except Exception:
+                time.sleep(0.5)
+        assert proc.poll() is None, "the copy ended before the kill"
+        proc.kill()
+        proc.wait()
+        time.sleep(2)  # the guest's reads of uncopied clusters now wait for the export to come back
+        resumed = subprocess.run([*cmd, "--live", "--resume", "100", "--run-dir", str(run_dir)],
+                                 capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr
+
+        async def dmesg() -> str:
+            async with GuestAgentClient(str(qga)) as agent:
+                pid = (await agent.execute("guest-exec", {"path": "/bin/dmesg", "capture-output": True}))["pid"]
+                for _ in range(100):
+                    status = await agent.execute("guest-exec-status", {"pid": pid})
+                    if status.get("exited"):
+                        return base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+                    await asyncio.sleep(0.1)
+            raise AssertionError("dmesg did not finish")
+
+        kernel_log = asyncio.run(dmesg())
+        assert "I/O error" not in kernel_log and "EXT4-fs error" not in kernel_log, kernel_log[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "stop", "100", "--run-dir", str(run_dir),
+                        "--timeout", "60"], capture_output=True, timeout=120)
+    _check_image(tmp_path, target / "vm-100-disk-0.qcow2", None)
