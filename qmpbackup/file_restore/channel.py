@@ -67,17 +67,7 @@ class HelperChannel:
         raise ChannelError("reply without end frame")  # pragma: no cover - request() guarantees it
 
     async def _frame(self, timeout: float) -> tuple[bytes, bytes]:
-        try:
-            head = await asyncio.wait_for(self._reader.readexactly(FRAME.size), timeout)
-            kind, length = parse_header(head)
-            payload = await asyncio.wait_for(self._reader.readexactly(length), timeout)
-        except asyncio.IncompleteReadError:
-            raise ChannelError("the helper VM closed its channel") from None
-        except asyncio.TimeoutError:
-            raise ChannelError(f"the helper VM did not answer within {timeout:.0f} s") from None
-        except WireError as exc:
-            raise ChannelError(f"the helper VM broke the channel: {exc}") from None
-        return kind, payload
+        return await read_frame(self._reader, timeout, ChannelError, "the helper VM")
 
     async def close(self) -> None:
         self._writer.close()
@@ -95,3 +85,18 @@ def end_status(payload: bytes) -> dict[str, Any]:
     if not isinstance(status, dict):
         raise ChannelError("the helper VM sent a bad end frame")
     return status
+
+
+async def read_frame(reader: asyncio.StreamReader, timeout: float, error: type[QmpBackupError],
+                     peer: str) -> tuple[bytes, bytes]:
+    """One frame; a closed, silent or garbling peer is ``error`` naming ``peer``."""
+    try:
+        kind, length = parse_header(await asyncio.wait_for(reader.readexactly(FRAME.size), timeout))
+        payload = await asyncio.wait_for(reader.readexactly(length), timeout)
+    except asyncio.IncompleteReadError:
+        raise error(f"{peer} closed the connection") from None
+    except asyncio.TimeoutError:
+        raise error(f"{peer} did not answer within {timeout:.0f} s") from None
+    except WireError as exc:
+        raise error(f"{peer} broke the protocol: {exc}") from None
+    return kind, payload

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from qmpbackup.errors import QmpBackupError, UsageError
-from qmpbackup.file_restore.channel import end_status
-from qmpbackup.file_restore.wire import END, FRAME, WireError, parse_header, request_line
+from qmpbackup.file_restore.channel import end_status, read_frame
+from qmpbackup.file_restore.wire import END, request_line
 
 START_TIMEOUT_S = 300.0
 FOLDER = "file-restore"
@@ -116,15 +116,7 @@ async def request(sock: Path, req: dict[str, Any], timeout: float = 600.0) -> As
         writer.write(request_line(req))
         await writer.drain()
         while True:
-            try:
-                kind, length = parse_header(await asyncio.wait_for(reader.readexactly(FRAME.size), timeout))
-                payload = await asyncio.wait_for(reader.readexactly(length), timeout)
-            except asyncio.IncompleteReadError:
-                raise FileRestoreError("the file-restore helper ended the connection") from None
-            except asyncio.TimeoutError:
-                raise FileRestoreError(f"the file-restore helper did not answer within {timeout:.0f} s") from None
-            except WireError as exc:
-                raise FileRestoreError(f"the file-restore helper broke the protocol: {exc}") from None
+            kind, payload = await read_frame(reader, timeout, FileRestoreError, "the file-restore helper")
             yield kind, payload
             if kind == END:
                 return
