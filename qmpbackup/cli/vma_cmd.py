@@ -15,6 +15,7 @@ from qmpbackup.vma.extract import extract, extract_mapped
 from qmpbackup.vma.listing import DEFAULT_CONFIG, config_data, list_lines, verify
 from qmpbackup.vma.progress import CreateProgress, ExtractProgress
 from qmpbackup.vma.reader import VmaReader
+from qmpbackup.vma.recompress import recompress_archive
 from qmpbackup.vma.restore_map import parse_map, read_map_lines
 
 
@@ -61,6 +62,19 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("-v", dest="verbose", action="store_true", help="print progress and sparse statistics")
     p.set_defaults(run=run_extract)
 
+    p = sub.add_parser(
+        "recompress", parents=[common],
+        help="write an archive again as framed zstd with an index (random access for export and mount)",
+        description="Read F (any compression, or - for stdin) once, with every check, and write the same "
+        "archive (same uuid, configs, devices and clusters) to DEST as qmpbackup's framed zstd with its index. "
+        "F is left as it is.",
+    )
+    p.add_argument("archive", metavar="F", help="archive file (any compression) or - for stdin")
+    p.add_argument("dest", metavar="DEST", type=Path, help="new .vma.zst file (must not exist)")
+    p.add_argument("--zstd-threads", type=int, default=1, metavar="N",
+                   help="zstd worker threads, 0 = half the cores (default 1, as vzdump)")
+    p.set_defaults(run=run_recompress)
+
     p = sub.add_parser("verify", parents=[common], help="read the whole archive and check every rule")
     p.add_argument("archive", metavar="F", help="archive file (any compression) or - for stdin")
     p.add_argument("-v", dest="verbose", action="store_true",
@@ -106,6 +120,15 @@ def run_create(args: argparse.Namespace, ctx: Context) -> int:
         args.archive, [Path(c) for c in args.configs], disks, args.compress, args.zstd_threads,
         CreateProgress(_print_stderr) if args.verbose else None,
     )
+    return 0
+
+
+def run_recompress(args: argparse.Namespace, ctx: Context) -> int:
+    if args.zstd_threads < 0:
+        raise UsageError("--zstd-threads must be 0 or more")
+    if not args.dest.name.endswith(".zst"):
+        raise UsageError(f"{args.dest}: the new archive is zstd, its name must end in .zst")
+    recompress_archive(args.archive, args.dest, args.zstd_threads)
     return 0
 
 

@@ -291,3 +291,30 @@ def test_verify_without_or_with_damaged_index_checks_structure_only(
     sidecar.unlink()
     proc = qmpbackup("verify", archive)
     assert proc.returncode == 0 and "(structure only: no index, qmpbackup index" in proc.stderr
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd-one-stream"])
+def test_recompress_gives_random_access(tmp_path: Path, disks: list[tuple[DiskSpec, bytes]], compress: str) -> None:
+    archive = _create(tmp_path, "a.vma", "none", disks)
+    sidecar_path(archive).unlink()
+    tool = ["gzip"] if compress == "gzip" else ["zstd", "-q", "--rm"]
+    subprocess.run([*tool, str(archive)], check=True)
+    archive = tmp_path / ("a.vma.gz" if compress == "gzip" else "a.vma.zst")
+    dest = tmp_path / "r.vma.zst"
+    proc = qmpbackup("vma", "recompress", archive, dest)
+    assert proc.returncode == 0, proc.stderr
+    with ArchiveDevices.open(dest) as devices:
+        for reader, (_spec, image) in zip(devices.devices, disks, strict=True):
+            assert reader.read(0, reader.size) == image
+    with ArchiveIndex.open(dest) as index:
+        assert index.framed
+    assert qmpbackup("verify", dest).returncode == 0
+    again = qmpbackup("vma", "recompress", archive, dest)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    if PVE_VMA:
+        out = tmp_path / "pve"
+        pve = subprocess.run(f"zstd -dc {dest} | {PVE_VMA} extract - {out}", shell=True,
+                             capture_output=True, timeout=120, check=False)
+        assert pve.returncode == 0, pve.stderr
+        for spec, image in disks:
+            assert (out / f"disk-{spec.name}.raw").read_bytes()[:len(image)] == image
