@@ -39,8 +39,7 @@ from typing import Any
 from fleecing.drives import Fleecing
 from fleecing.probe import allocated_bytes
 from fleecing.storage import fleecing_storage, plan_fleecing
-from qmpbackup.backup.blockjobs import attach_targets, detach_targets, plan_jobs, run_jobs
-from qmpbackup.errors import QmpBackupError
+from qmpbackup.backup.blockjobs import attach_targets, detach_targets, plan_block_jobs, run_block_jobs
 from qmpbackup.jobs.storage_cfg import parse_storage_cfg
 from qmpbackup.recovery.journal import Journal
 from qmpbackup.nbd import Export, NbdServer
@@ -255,22 +254,13 @@ async def _backup(session: QmpSession, caps: Any, d: Any, sc: Scenario, result: 
             plan = dataclasses.replace(plan, format=sc.fleecing)
             fl = Fleecing(session, journal, caps, VMID, [d], plan, rundir=workdir)
             await fl.prepare()
-        jobs = plan_jobs(VMID, fl.sources() if fl is not None else sources)
+        jobs = plan_block_jobs(VMID, fl.sources() if fl is not None else sources)
         if fl is not None:
             extra = fl.job_extra()
         consumer: Any = fl.consumer(d.key, target) if fl is not None else target
         server = NbdServer(workdir / "nbd.sock", [Export(jobs[0].export, d.size, consumer)], name="bench")
         await server.start()
         try:
-            async def window(start: Any) -> None:
-                if fl is not None:
-                    await fl.insert()  # the snapshot point (and 7.2's TRIM path), right before the job starts
-                await start()
-
-            async def never() -> QmpBackupError:
-                await asyncio.Event().wait()
-                raise AssertionError
-
             await attach_targets(session, journal, jobs, server.path, caps)
             image = Path(fl.drives[d.key].image.path) if fl is not None else None
 
@@ -284,8 +274,9 @@ async def _backup(session: QmpSession, caps: Any, d: Any, sc: Scenario, result: 
             writer = asyncio.create_task(_writer(session, d.qdev, size, stop, writes, 0.01, 1))
             started = time.monotonic()
             try:
-                await run_jobs(session, journal, jobs, caps, limit_bps=0, max_workers=None, start_window=window,
-                               failure=never, on_progress=lambda p: None, extra=extra)
+                if fl is not None:
+                    await fl.insert()  # the snapshot point (and 7.2's TRIM path), right before the job starts
+                await run_block_jobs(session, journal, jobs, caps, job_args=extra)
                 result.backup_s = time.monotonic() - started
             finally:
                 stop.set()

@@ -1,17 +1,17 @@
-"""Fleecing for all drives of one backup: what the backup engine calls, in its order.
+"""Fleecing for all drives of one backup, in the order a backup run calls it (:mod:`fleecing.feature`).
 
 ::
 
     fl = Fleecing(session, journal, caps, vmid, disks, plan, rundir=...)
     await fl.prepare()            # before the freeze: images, fleece nodes, filters
-    jobs = plan_jobs(vmid, fl.sources())          # the jobs read the snapshot nodes
+    fl.sources()                  # the block jobs read the snapshot nodes
     # our endpoint's export consumers: fl.consumer(key, assembler) (TRIM path on 7.2)
-    # inside the freeze window, right before the jobs' transaction:
+    # inside the freeze window, right before the block jobs' transaction:
     await fl.insert()             # the point in time (qom-set), snapshot nodes, 7.2's TRIM path
-    run_jobs(..., extra=fl.job_extra())           # discard-source where QEMU has it
-    await fl.teardown()           # after the jobs are gone (cancelled or dismissed)
+    fl.job_extra()                # block job arguments: discard-source where QEMU has it
+    await fl.teardown()           # after the block jobs are gone (cancelled or dismissed)
 
-The TRIM path must be up *before* the jobs start: adding a node drains all I/O, and with
+The TRIM path must be up *before* the block jobs start: adding a node drains all I/O, and with
 a job writing into a slow target that drain lasts until the target took every request in
 flight (1.5 s measured at 10 MiB/s), stalling QMP and the guest's I/O meanwhile.
 
@@ -31,6 +31,7 @@ from fleecing.images import next_free_image
 from fleecing.reclaim import QemuNbdServer, ReclaimingConsumer, TrimReclaimer, job_extra, needs_trim_path
 from fleecing.runner import Runner, run_command
 from fleecing.storage import FleecingPlan
+from qmpbackup.nbd.errors import NbdError
 from qmpbackup.recovery.journal import Journal
 from qmpbackup.nbd.export import ExportConsumer
 from qmpbackup.qemu.capabilities import Capabilities
@@ -101,7 +102,7 @@ class Fleecing:
             reclaimer = TrimReclaimer(drive, server)
             try:
                 await reclaimer.start()
-            except (FleecingError, QmpCommandError) as exc:
+            except (FleecingError, NbdError, QmpCommandError) as exc:
                 self._warn(f"drive {key}: fleecing space is not reclaimed during the backup: {exc}")
                 await reclaimer.close()
                 continue
@@ -112,11 +113,11 @@ class Fleecing:
         self.warnings.append(message)
 
     def sources(self) -> list[tuple[str, str, int]]:
-        """``(key, node the job reads, size)`` per drive, for ``plan_jobs``."""
+        """``(key, node the block job reads, size)`` per drive."""
         return [(key, d.read_node, d.disk.size) for key, d in self.drives.items()]
 
     def job_extra(self) -> dict[str, dict[str, Any]]:
-        """Per drive key: extra ``blockdev-backup`` arguments (``run_jobs(extra=...)``)."""
+        """Per drive key: extra ``blockdev-backup`` arguments."""
         return {key: job_extra(self.caps, d.image.cluster_size) for key, d in self.drives.items()}
 
     def consumer(self, key: str, inner: ExportConsumer) -> ExportConsumer:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from fleecing.errors import FleecingError
 from fleecing.graph import DriveFleecing, delete_export, stop_nbd_server
-from fleecing.nbd_client import NbdClient, NbdClientError
+from qmpbackup.nbd.client import NbdClient, NbdClientError
 from qmpbackup.nbd.export import ExportConsumer
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities

@@ -1,11 +1,14 @@
-"""Data flows one way: CLI → jobs → backup → (qemu, guest_agent, fleecing) → nbd → vma → compress.
+"""Data flows one way: CLI → jobs → backup → (qemu, guest_agent) → nbd → vma → compress.
 
 Recovery sits beside backup: its undo table, replay and cleanup use qemu, guest_agent and
 fleecing; its record-keeping modules (journal, kinds, state, spawn records, instance, host
 files) are leaves that everyone below may use.
 
-This test reads every module's imports and fails on an edge that goes the wrong way, so the
-layering in README.md's layout stays true.
+The job layer (``qmpbackup/jobs/backup_job.py``) hands fleecing to the run as a feature, so
+``backup/`` never imports ``fleecing``; ``fleecing/`` is a library that uses only
+``qmpbackup.qemu``, ``qmpbackup.nbd``, the journal and the storage.cfg sections it allocates
+on. This test reads every module's imports and fails on an edge that goes the wrong way, so
+the layering in README.md's layout stays true.
 """
 
 from __future__ import annotations
@@ -47,13 +50,20 @@ RULES: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
     ("qmpbackup/guest_agent", ("qmpbackup.backup", "qmpbackup.cli", "qmpbackup.qemu", "fleecing", "argparse",
                                *RECOVERY_UPPER), {}),
     ("qmpbackup/recovery", ("qmpbackup.backup", "qmpbackup.cli", "argparse"), {}),
-    ("qmpbackup/backup", ("qmpbackup.cli", "argparse"),
+    ("qmpbackup/backup", ("qmpbackup.cli", "fleecing", "qmpbackup.jobs.backup_job", "argparse"),
      {"guard_program.py": "a program of its own (the freeze guard process), with its own arguments"}),
+    ("qmpbackup/cli", ("qmpbackup.backup",), {}),  # the CLI parses and prints; the job layer runs guests
     ("qmpbackup/restore", ("qmpbackup.cli", "qmpbackup.backup", "argparse"), {}),
     ("qmpbackup/store", ("qmpbackup.cli", "qmpbackup.backup", "qmpbackup.qemu", "argparse"), {}),
     ("fleecing", ("qmpbackup.cli", "qmpbackup.backup", "argparse", *RECOVERY_UPPER),
-     {"bench.py": "the benchmark drives the real backup jobs", "__main__.py": "entry point"}),
+     {"bench.py": "the tuning tool drives the real block jobs"}),
 ]
+
+#: What ``fleecing/`` may import from ``qmpbackup`` (everything else is above it or beside it).
+#: (``qmpbackup.recovery``: its record keeping; its undo table, replay and cleanup are RECOVERY_UPPER, above.)
+FLEECING_USES = ("qmpbackup.qemu", "qmpbackup.nbd", "qmpbackup.recovery", "qmpbackup.errors",
+                 "qmpbackup.jobs.storage_cfg")  # storage.cfg: where fleecing images live
+FLEECING_EXEMPT = {"bench.py": "the tuning tool (python -m fleecing.bench) drives the real block jobs"}
 
 
 @pytest.mark.parametrize(("folder", "forbidden", "exempt"), RULES, ids=[r[0] for r in RULES])
@@ -82,3 +92,14 @@ def test_recovery_records_are_leaves() -> None:
                  and not n.startswith(("qmpbackup.recovery.", "qmpbackup.errors", "qmpbackup.atomic_file"))}
         wrong |= {n for n in _imports(path) if n in RECOVERY_UPPER}
         assert not wrong, f"{path.name} imports {sorted(wrong)}"
+
+
+def test_fleecing_is_a_library_with_a_boundary() -> None:
+    wrong = []
+    for path in _modules("fleecing"):
+        if path.name in FLEECING_EXEMPT:
+            continue
+        for name in _imports(path):
+            if name.startswith("qmpbackup") and not any(name == u or name.startswith(u + ".") for u in FLEECING_USES):
+                wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not wrong, "\n".join(wrong)

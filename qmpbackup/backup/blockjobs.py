@@ -1,11 +1,14 @@
-"""QEMU's side of a push backup: NBD target nodes, the jobs, waiting for them, tearing down.
+"""QEMU's side of a push backup: NBD target nodes, the block jobs, waiting for them, tearing down.
 
-Every node and job is written to the journal before QEMU is asked to create it,
+"Block job" is QEMU's ``blockdev-backup`` job of one drive; "job" alone, elsewhere, is the
+backup job of :mod:`qmpbackup.jobs` (many guests, one lock, one mail).
+
+Every node and block job is written to the journal before QEMU is asked to create it,
 and every teardown step here is safe to run twice (it asks QEMU first), so the
 same steps serve a normal end, an error, a signal and the replay of a crashed
 run's journal.
 
-Bandwidth: vzdump's ``bwlimit`` is a limit for the whole backup. All drive jobs
+Bandwidth: vzdump's ``bwlimit`` is a limit for the whole backup. All block jobs
 start together (one ``transaction``, one point in time) and share it: each gets
 ``limit / running jobs``, re-divided whenever a job finishes.
 """
@@ -13,10 +16,12 @@ start together (one ``transaction``, one point in time) and share it: each gets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from qmpbackup.errors import QmpBackupError
@@ -29,7 +34,7 @@ from qmpbackup.qemu.nodes import (
     delete_node,
     job_states,
 )
-from qmpbackup.qemu.session import QmpSession
+from qmpbackup.qemu.session import EventWaiter, QmpSession
 from qmpbackup.recovery import kinds
 from qmpbackup.recovery.journal import Entry, Journal
 
@@ -42,17 +47,18 @@ POLL_INTERVAL_S = 1.0
 
 
 class BlockJobError(QmpBackupError):
-    """A drive's backup job failed or was cancelled by QEMU; ``error`` is QEMU's own text."""
+    """A drive's block job failed or was cancelled by QEMU; ``error`` is QEMU's own text."""
 
-    def __init__(self, job_id: str, error: str) -> None:
+    def __init__(self, job_id: str, key: str, error: str) -> None:
         self.job_id = job_id
+        self.key = key
         self.error = error
         super().__init__(f"backup job {job_id} failed: {error}")
 
 
 @dataclass(frozen=True, slots=True)
-class DriveJob:
-    """One drive's job: QEMU reads ``source_node`` and writes into ``target_node``."""
+class BlockJob:
+    """One drive's block job: QEMU reads ``source_node`` and writes into ``target_node``."""
 
     key: str
     source_node: str
@@ -62,10 +68,10 @@ class DriveJob:
     size: int
 
 
-def plan_jobs(vmid: int, sources: Sequence[tuple[str, str, int]]) -> list[DriveJob]:
+def plan_block_jobs(vmid: int, sources: Sequence[tuple[str, str, int]]) -> list[BlockJob]:
     """Names for each ``(key, source node, size)``; the names come from :mod:`qmpbackup.qemu.naming`."""
     return [
-        DriveJob(
+        BlockJob(
             key=key,
             source_node=node,
             target_node=naming.node_name(vmid, key, naming.ROLE_TARGET),
@@ -78,7 +84,7 @@ def plan_jobs(vmid: int, sources: Sequence[tuple[str, str, int]]) -> list[DriveJ
 
 
 async def _set_speed(session: QmpSession, job_id: str, speed: int) -> None:
-    """A job that concluded meanwhile (its event not yet handled) needs no new speed."""
+    """A block job that concluded meanwhile (its event not yet handled) needs no new speed."""
     try:
         await session.execute("block-job-set-speed", {"device": job_id, "speed": speed})
     except QmpCommandError:
@@ -86,7 +92,7 @@ async def _set_speed(session: QmpSession, job_id: str, speed: int) -> None:
             raise
 
 
-async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[DriveJob], socket: Path,
+async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[BlockJob], socket: Path,
                          caps: Capabilities) -> None:
     """Add one NBD client node per drive, pointing at our endpoint's export for it."""
     for job in jobs:
@@ -104,7 +110,7 @@ async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[D
             raise
 
 
-async def detach_targets(session: QmpSession, journal: Journal, jobs: Sequence[DriveJob]) -> None:
+async def detach_targets(session: QmpSession, journal: Journal, jobs: Sequence[BlockJob]) -> None:
     """Delete the NBD client nodes; QEMU sends FLUSH and DISC to our endpoint on the way."""
     pending = {str(e.data.get("node")): e for e in journal.pending() if e.kind == kinds.BLOCKDEV.name}
     for job in reversed(jobs):
@@ -113,7 +119,7 @@ async def detach_targets(session: QmpSession, journal: Journal, jobs: Sequence[D
             journal.resolve(pending[job.target_node])
 
 
-def backup_action(job: DriveJob, caps: Capabilities, *, speed: int, max_workers: int | None,
+def backup_action(job: BlockJob, caps: Capabilities, *, speed: int, max_workers: int | None,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "job-id": job.job_id,
@@ -136,15 +142,15 @@ def backup_action(job: DriveJob, caps: Capabilities, *, speed: int, max_workers:
 
 
 def share(limit_bps: int, running: int) -> int:
-    """Each running job's ``speed``: an equal share of the limit (0 means unlimited)."""
+    """Each running block job's ``speed``: an equal share of the limit (0 means unlimited)."""
     if limit_bps <= 0 or running <= 0:
         return 0
     return max(1, limit_bps // running)
 
 
 @dataclass(slots=True)
-class JobProgress:
-    """Bytes QEMU reports as done per job (``offset`` of ``query-block-jobs``)."""
+class BlockJobProgress:
+    """Bytes QEMU reports as done per block job (``current-progress`` of ``query-jobs``)."""
 
     done: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
@@ -154,111 +160,130 @@ class JobProgress:
         return sum(self.done.values())
 
 
-async def run_jobs(
-    session: QmpSession,
-    journal: Journal,
-    jobs: Sequence[DriveJob],
-    caps: Capabilities,
-    *,
-    limit_bps: int,
-    max_workers: int | None,
-    start_window: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]],
-    failure: Callable[[], Awaitable[QmpBackupError]],
-    on_progress: Callable[[JobProgress], None],
-    extra: Mapping[str, Mapping[str, Any]] | None = None,
-    actions: Sequence[Mapping[str, Any]] = (),
-) -> None:
-    """Start every drive's job in one transaction and wait until all have completed.
+class BlockJobs:
+    """The block jobs of one backup: :meth:`start` them in one transaction, then :meth:`progress`.
 
-    ``start_window(start)`` runs ``start`` inside the freeze/pause window (it freezes,
-    awaits ``start``, thaws). ``failure()`` resolves when the data path fails (our NBD
-    endpoint saw a protocol error or a point-in-time violation); the jobs are then
-    cancelled and that error raised. Any exception, including cancellation, cancels
-    the jobs that are still running before it propagates. ``extra`` adds job arguments per
-    drive key (e.g. an incremental ``sync``); ``actions`` go into the same transaction before
-    the jobs (e.g. ``block-dirty-bitmap-add``, so a new bitmap starts exactly with the jobs).
+    Use as ``async with BlockJobs(...) as block_jobs``: entering registers for the job
+    events *before* the transaction (none is missed); leaving with an exception, including
+    a cancellation, cancels every block job that is still running (shielded from a second
+    cancellation: a block job must not outlive the run).
     """
-    progress = JobProgress(total={j.job_id: j.size for j in jobs})
-    remaining = {j.job_id for j in jobs}
-    speed = share(limit_bps, len(jobs))
-    entries = {}
-    async with session.events(JOB_EVENTS) as events:
 
-        async def start() -> None:
-            for job in jobs:
-                entries[job.job_id] = journal.record(kinds.BLOCKJOB, job=job.job_id)
-            all_actions = [dict(a) for a in actions]
-            all_actions += [backup_action(j, caps, speed=speed, max_workers=max_workers,
-                                          extra=(extra or {}).get(j.key)) for j in jobs]
-            props = {"completion-mode": "individual"} if caps.has_transaction_completion_mode else None
-            args: dict[str, Any] = {"actions": all_actions}
-            if props:
-                args["properties"] = props
-            try:
-                await session.execute("transaction", args)
-            except QmpCommandError:
-                for entry in entries.values():
-                    journal.resolve(entry)  # a transaction is all or nothing
-                raise
+    def __init__(self, session: QmpSession, journal: Journal, jobs: Sequence[BlockJob], caps: Capabilities, *,
+                 limit_bps: int, max_workers: int | None) -> None:
+        self.session, self.journal, self.jobs, self.caps = session, journal, list(jobs), caps
+        self.limit_bps = limit_bps
+        self.max_workers = max_workers
+        self._remaining = {j.job_id for j in jobs}
+        self._entries: dict[str, Entry] = {}
+        self._events: EventWaiter | None = None
+        self._listening: contextlib.AbstractAsyncContextManager[EventWaiter] | None = None
 
-        await start_window(start)
-        failure_task = asyncio.ensure_future(failure())
+    async def __aenter__(self) -> BlockJobs:
+        self._listening = self.session.events(JOB_EVENTS)
+        self._events = await self._listening.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         try:
-            while remaining:
-                # Events only wake us up; query-jobs is the truth (an event can be missed,
-                # a concluded job stays listed until we dismiss it).
-                try:
-                    await events.wait_for(lambda e: True, POLL_INTERVAL_S)
-                except QmpTimeoutError:
-                    pass
-                if failure_task.done():
-                    raise failure_task.result()
-                states = await job_states(session)
-                for job_id in sorted(remaining):
-                    job = states.get(job_id)
-                    if job is None:
-                        raise BlockJobError(job_id, "it disappeared from QEMU")
-                    progress.done[job_id] = int(job.get("current-progress", 0))
-                    progress.total[job_id] = int(job.get("total-progress", 0)) or progress.total[job_id]
-                    if job.get("status") != "concluded":
-                        continue
-                    error = job.get("error")
-                    await session.execute("job-dismiss", {"id": job_id})
-                    remaining.discard(job_id)
-                    journal.resolve(entries[job_id])
-                    if error:
-                        raise BlockJobError(job_id, str(error))
-                    progress.done[job_id] = progress.total[job_id]
-                    if remaining and limit_bps > 0:
-                        new_speed = share(limit_bps, len(remaining))
-                        for other in sorted(remaining):
-                            await _set_speed(session, other, new_speed)
-                on_progress(progress)
-        except BaseException:
-            await _cancel_all(session, journal, entries, remaining)
-            raise
+            if exc is not None:
+                await self._cancel_remaining()
         finally:
-            failure_task.cancel()
-            await asyncio.gather(failure_task, return_exceptions=True)
+            assert self._listening is not None
+            await self._listening.__aexit__(None, None, None)
 
+    async def start(self, actions: Sequence[Mapping[str, Any]] = (),
+                    job_args: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """One ``transaction``: ``actions`` first (e.g. ``block-dirty-bitmap-add``, so a new bitmap
+        starts exactly with the block jobs), then every drive's ``blockdev-backup`` with its
+        extra arguments from ``job_args`` (by drive key)."""
+        speed = share(self.limit_bps, len(self.jobs))
+        for job in self.jobs:
+            self._entries[job.job_id] = self.journal.record(kinds.BLOCKJOB, job=job.job_id)
+        all_actions = [dict(a) for a in actions]
+        all_actions += [backup_action(j, self.caps, speed=speed, max_workers=self.max_workers,
+                                      extra=(job_args or {}).get(j.key)) for j in self.jobs]
+        args: dict[str, Any] = {"actions": all_actions}
+        if self.caps.has_transaction_completion_mode:
+            args["properties"] = {"completion-mode": "individual"}
+        try:
+            await self.session.execute("transaction", args)
+        except QmpCommandError:
+            for entry in self._entries.values():
+                self.journal.resolve(entry)  # a transaction is all or nothing
+            self._entries.clear()
+            raise
 
-async def _cancel_all(session: QmpSession, journal: Journal, entries: Mapping[str, Entry],
-                      remaining: set[str]) -> None:
-    """Best effort, shielded from a second cancellation: a job must not outlive the run."""
+    async def progress(self) -> AsyncIterator[BlockJobProgress]:
+        """Yields the progress after every look (at least once a second) until all concluded.
 
-    async def cancel() -> None:
-        for job_id in sorted(remaining):
+        Raises :class:`BlockJobError` for the first block job that failed or vanished. The
+        caller checks its own side between looks (and raises to stop the block jobs).
+        """
+        assert self._events is not None, "use BlockJobs as an async context manager"
+        progress = BlockJobProgress(total={j.job_id: j.size for j in self.jobs})
+        keys = {j.job_id: j.key for j in self.jobs}
+        while self._remaining:
+            # Events only wake us up; query-jobs is the truth (an event can be missed,
+            # a concluded job stays listed until we dismiss it).
             try:
-                await cancel_job(session, job_id)
-            except Exception as exc:
-                log.warning("could not cancel backup job %s: %s", job_id, exc)
-                continue
-            if job_id in entries:
-                journal.resolve(entries[job_id])
+                await self._events.wait_for(lambda e: True, POLL_INTERVAL_S)
+            except QmpTimeoutError:
+                pass
+            states = await job_states(self.session)
+            for job_id in sorted(self._remaining):
+                job = states.get(job_id)
+                if job is None:
+                    raise BlockJobError(job_id, keys[job_id], "it disappeared from QEMU")
+                progress.done[job_id] = int(job.get("current-progress", 0))
+                progress.total[job_id] = int(job.get("total-progress", 0)) or progress.total[job_id]
+                if job.get("status") != "concluded":
+                    continue
+                error = job.get("error")
+                await self.session.execute("job-dismiss", {"id": job_id})
+                self._remaining.discard(job_id)
+                self.journal.resolve(self._entries[job_id])
+                if error:
+                    raise BlockJobError(job_id, keys[job_id], str(error))
+                progress.done[job_id] = progress.total[job_id]
+                await self._reshare()
+            yield progress
 
-    task = asyncio.ensure_future(cancel())
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait_for(task, CANCEL_TIMEOUT_S + 5)
-        raise
+    async def _reshare(self) -> None:
+        """A block job finished: the others share the limit among fewer."""
+        if self._remaining and self.limit_bps > 0:
+            new_speed = share(self.limit_bps, len(self._remaining))
+            for other in sorted(self._remaining):
+                await _set_speed(self.session, other, new_speed)
+
+    async def _cancel_remaining(self) -> None:
+        """Best effort, shielded from a second cancellation."""
+        started = [job_id for job_id in sorted(self._remaining) if job_id in self._entries]
+
+        async def cancel() -> None:
+            for job_id in started:
+                try:
+                    await cancel_job(self.session, job_id)
+                except Exception as exc:
+                    log.warning("could not cancel block job %s: %s", job_id, exc)
+                    continue
+                self.journal.resolve(self._entries[job_id])
+
+        task = asyncio.ensure_future(cancel())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait_for(task, CANCEL_TIMEOUT_S + 5)
+            raise
+
+
+async def run_block_jobs(session: QmpSession, journal: Journal, jobs: Sequence[BlockJob], caps: Capabilities, *,
+                         limit_bps: int = 0, max_workers: int | None = None,
+                         actions: Sequence[Mapping[str, Any]] = (),
+                         job_args: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Start and wait, with nothing around them (tests and the fleecing benchmark)."""
+    async with BlockJobs(session, journal, jobs, caps, limit_bps=limit_bps, max_workers=max_workers) as block_jobs:
+        await block_jobs.start(actions, job_args)
+        async for _ in block_jobs.progress():
+            pass

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+from uuid import UUID
 
 from qmpbackup.backup.assembler import ClusterAssembler
 from qmpbackup.compress import Compression, CompressOptions, open_compressor
@@ -43,7 +44,7 @@ class DeviceSpec:
     export: str
 
 
-#: Wraps a device's export consumer (fleecing's space reclaim watches what arrives).
+#: Wraps a device's export consumer (a feature of the run, e.g. fleecing's space reclaim, watches what arrives).
 ConsumerWrap = Callable[[DeviceSpec, ExportConsumer], ExportConsumer]
 
 
@@ -59,9 +60,10 @@ class ArchiveDataPath:
 
     def __init__(self, out: BinaryIO, compression: Compression, options: CompressOptions,
                  configs: Sequence[tuple[str, bytes]], devices: Sequence[DeviceSpec],
-                 socket: Path, name: str, wrap: ConsumerWrap | None = None) -> None:
+                 socket: Path, name: str, *, archive_uuid: UUID | None = None,
+                 wrap: ConsumerWrap | None = None) -> None:
         self._compressor = open_compressor(out, compression, options)
-        self.writer = VmaWriter(self._compressor)
+        self.writer = VmaWriter(self._compressor, uuid=archive_uuid)
         for config_name, data in configs:
             self.writer.add_config(config_name, data)
         self.assemblers: dict[str, ClusterAssembler] = {}

@@ -19,12 +19,14 @@ failed run never survives).
 The clusters the job does not send are taken from the previous archive by
 :mod:`qmpbackup.backup.synthetic`.
 
-With fleecing the order is: the plan on the disk nodes; :meth:`IncrementalPlan.start_bitmaps`
-(instead of ``record``) before the snapshot point; the snapshot point;
-:meth:`IncrementalPlan.bind_snapshots` with the snapshot-access nodes; the jobs with
+When another feature takes the point in time before the transaction (fleecing) the order
+is: the plan on the disk nodes; :meth:`IncrementalPlan.start_bitmaps` (instead of
+``record``) before the snapshot point; the snapshot point;
+:meth:`IncrementalPlan.bind_snapshots` with the snapshot-access nodes; the block jobs with
 :meth:`IncrementalPlan.job_args` (``actions()`` is empty then); after publishing,
 :meth:`IncrementalPlan.commit`. The copy-before-write filter gets *no* bitmap while it is
 added before the snapshot point (see :meth:`IncrementalPlan.cbw_bitmap`).
+:mod:`qmpbackup.backup.incremental_feature` drives all this as a feature of the run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from typing import Any
 from uuid import UUID
 
 from qmpbackup.backup.archive_config import vma_device_name
-from qmpbackup.backup.blockjobs import DriveJob
 from qmpbackup.errors import QmpBackupError
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.errors import QmpCommandError
@@ -327,28 +328,27 @@ class IncrementalPlan:
 async def plan_incremental(
     session: QmpSession,
     vmid: int,
-    jobs: Sequence[DriveJob],
+    drives: Sequence[tuple[str, str, int]],
     *,
     dump_dir: Path,
     enabled: bool,
     new_uuid: UUID | str | None,
     to_stdout: bool,
     persistent_ok: bool,
-    nodes: Mapping[str, str] | None = None,
     full_reason: str | None = None,
 ) -> IncrementalPlan:
-    """Decide per drive (module docstring); removes our bitmaps that can never serve again.
+    """Decide per drive ``(key, node, size)`` (module docstring); removes our bitmaps that can
+    never serve again.
 
-    The bitmaps live on each job's source node, or on ``nodes[key]`` when given (with
-    fleecing the jobs read snapshot-access nodes, while the bitmaps belong on the disk).
-    ``new_uuid`` None: the new bitmaps are named later, by :meth:`IncrementalPlan.set_new_uuid`.
-    ``full_reason``: read every drive in full for this reason, but still start the new bitmaps
-    (the run after a damaged previous archive).
+    The bitmaps live on each drive's own node (the disk's, also when its block job reads a
+    fleecing snapshot). ``new_uuid`` None: the new bitmaps are named later, by
+    :meth:`IncrementalPlan.set_new_uuid`. ``full_reason``: read every drive in full for this
+    reason, but still start the new bitmaps (the run after a damaged previous archive).
     """
     if to_stdout:
         # The new archive will not be in the dump dir: leave the dump dir's chain as it is.
-        return IncrementalPlan(vmid, None, [DriveDecision(j.key, j.source_node, j.size, None, False, None,
-                                                          TO_STDOUT) for j in jobs], TO_STDOUT)
+        return IncrementalPlan(vmid, None, [DriveDecision(key, node, size, None, False, None, TO_STDOUT)
+                                            for key, node, size in drives], TO_STDOUT)
     previous: PreviousArchive | None
     vm_reason: str | None
     if not enabled:
@@ -359,19 +359,18 @@ async def plan_incremental(
         previous, vm_reason = newest_archive(dump_dir, vmid)
     states = await node_states(session)
     plan = IncrementalPlan(vmid, previous, [], vm_reason, _tracking=enabled)
-    for job in jobs:
-        node = (nodes or {}).get(job.key, job.source_node)
+    for key, node, size in drives:
         state = states.get(node, NodeState("", False, ()))
-        expected = bitmap_for(vmid, job.key, previous.uuid) if previous is not None else None
-        mine = {b.name: b for b in state.bitmaps if _ours(vmid, job.key, b.name)}
+        expected = bitmap_for(vmid, key, previous.uuid) if previous is not None else None
+        mine = {b.name: b for b in state.bitmaps if _ours(vmid, key, b.name)}
         reason = vm_reason
         if reason is None:
             assert previous is not None and expected is not None
-            old_size = previous.sizes.get(vma_device_name(job.key))
+            old_size = previous.sizes.get(vma_device_name(key))
             if old_size is None:
                 reason = f"drive added (not in {previous.path.name})"
-            elif old_size != job.size:
-                reason = f"drive resized ({old_size} -> {job.size} bytes)"
+            elif old_size != size:
+                reason = f"drive resized ({old_size} -> {size} bytes)"
             else:
                 reason = _check_base(mine.get(expected))
         base = expected if reason is None else None
@@ -380,11 +379,10 @@ async def plan_incremental(
                 continue
             await remove_bitmap(session, node, name)
             plan.removed.append(name)
-            log.info("%s: removed dirty bitmap %s (it can no longer serve)", job.key, name)
-        new_bitmap = bitmap_for(vmid, job.key, new_uuid) if enabled and new_uuid is not None else None
+            log.info("%s: removed dirty bitmap %s (it can no longer serve)", key, name)
+        new_bitmap = bitmap_for(vmid, key, new_uuid) if enabled and new_uuid is not None else None
         persistent = persistent_ok and state.driver == "qcow2" and not state.read_only
-        plan.drives.append(DriveDecision(job.key, node, job.size, new_bitmap, persistent,
-                                         base, reason))
+        plan.drives.append(DriveDecision(key, node, size, new_bitmap, persistent, base, reason))
     return plan
 
 

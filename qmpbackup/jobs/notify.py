@@ -33,7 +33,7 @@ class NotifyError(QmpBackupError):
 
 
 @dataclass(frozen=True, slots=True)
-class GuestResult:
+class MailGuest:
     vmid: int
     ok: bool
     duration_s: float
@@ -48,7 +48,7 @@ class GuestResult:
 class JobReport:
     hostname: str
     cmdline: str
-    guests: Sequence[GuestResult]
+    guests: Sequence[MailGuest]
     total_time_s: float
     job_id: str | None = None
     error: str | None = None  # a job-level error (hook, lock, storage)

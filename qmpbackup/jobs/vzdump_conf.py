@@ -48,7 +48,7 @@ class Performance:
 
 
 @dataclass(frozen=True, slots=True)
-class Fleecing:
+class FleecingOption:
     enabled: bool = False
     storage: str | None = None
 
@@ -69,7 +69,7 @@ class VzdumpOptions:
     bwlimit_kib: int = 0  # KiB/s, 0 = unlimited
     ionice: int = 7  # 0..8, 8 = idle class
     performance: Performance = Performance()
-    fleecing: Fleecing = Fleecing()
+    fleecing: FleecingOption = FleecingOption()
     dirty_bitmap: bool = True  # incremental reads with dirty bitmaps (issue 8)
     lockwait_min: int = 180
     stopwait_min: int = 10
@@ -210,13 +210,13 @@ def _performance(text: str) -> dict[str, int]:
     return result
 
 
-def _fleecing(text: str) -> Fleecing:
+def _fleecing(text: str) -> FleecingOption:
     parts = parse_property_string(text, {"enabled", "storage"}, default_key="enabled")
     enabled = _bool(parts["enabled"]) if "enabled" in parts else False
     storage = _storage_id(parts["storage"]) if "storage" in parts else None
     if enabled and storage is None:
         raise ValueError("fleecing enabled=1 needs storage=<id>")
-    return Fleecing(enabled=enabled, storage=storage)
+    return FleecingOption(enabled=enabled, storage=storage)
 
 
 def _prune(text: str) -> PruneOptions:
@@ -383,7 +383,7 @@ def merge(*layers: OptionLayer) -> VzdumpOptions:
 
 __all__ = [
     "OPTIONS",
-    "Fleecing",
+    "FleecingOption",
     "OptionLayer",
     "Performance",
     "VzdumpOptions",

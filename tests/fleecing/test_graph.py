@@ -103,7 +103,7 @@ async def test_unwind_after_partial_build_restores(world: WorldFactory, tmp_path
 
 async def test_cbw_bitmap_limits_the_snapshot_to_dirty_areas(world: WorldFactory, tmp_path: Path) -> None:
     """With the job's bitmap on the filter, only dirty areas are kept (and readable): incremental."""
-    from fleecing.nbd_client import NbdClient, NbdClientError
+    from qmpbackup.nbd.client import NbdClient, NbdClientError
 
     src = random_disk(tmp_path / "disk.raw", SIZE)
     before = src.read_bytes()

@@ -8,7 +8,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -17,7 +16,7 @@ from fleecing.errors import FleecingError
 from fleecing.probe import allocated_bytes
 from fleecing.reclaim import BLOCK, ReclaimState, TrimReclaimer, copy_granularity, job_extra, needs_trim_path
 from fleecing.storage import plan_fleecing
-from qmpbackup.backup.blockjobs import attach_targets, detach_targets, plan_jobs, run_jobs
+from qmpbackup.backup.blockjobs import BlockJobs, attach_targets, detach_targets, plan_block_jobs
 from qmpbackup.errors import QmpBackupError
 from qmpbackup.nbd import Export, NbdServer
 from tests.fleecing.conftest import MiB, VMID, LoopFs, WorldFactory, dir_storage, random_disk
@@ -134,25 +133,17 @@ async def test_space_falls_during_backup(world: WorldFactory, loopfs: Callable[[
         assert peak >= 16 * MiB
         samples: list[int] = []
         consumer = FileConsumer(tmp_path / "received.raw", size, rate_bps=32 * MiB)
-        jobs = plan_jobs(VMID, fl.sources())
+        jobs = plan_block_jobs(VMID, fl.sources())
         server = NbdServer(tmp_path / "nbd.sock", [Export(j.export, j.size, fl.consumer(j.key, consumer))
                                                     for j in jobs], name="test")
         await server.start()
         try:
             await attach_targets(w.session, w.journal, jobs, server.path, w.caps)
 
-            async def window(start: Any) -> None:
-                await start()
-
-            async def never() -> QmpBackupError:
-                await asyncio.Event().wait()
-                raise AssertionError
-
-            def progress(_: Any) -> None:
-                samples.append(allocated_bytes(image))
-
-            await run_jobs(w.session, w.journal, jobs, w.caps, limit_bps=0, max_workers=None,
-                           start_window=window, failure=never, on_progress=progress, extra=fl.job_extra())
+            async with BlockJobs(w.session, w.journal, jobs, w.caps, limit_bps=0, max_workers=None) as block_jobs:
+                await block_jobs.start(job_args=fl.job_extra())
+                async for _ in block_jobs.progress():
+                    samples.append(allocated_bytes(image))
             assert bool(fl.reclaimers) == needs_trim_path(w.caps)
             for r in fl.reclaimers.values():
                 assert r.alignment == cluster

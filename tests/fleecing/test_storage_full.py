@@ -11,7 +11,7 @@ import pytest
 from fleecing.drives import Fleecing
 from fleecing.errors import SnapshotBrokenError
 from fleecing.probe import probe_directory
-from fleecing.nbd_client import NbdClient, NbdClientError
+from qmpbackup.nbd.client import NbdClient, NbdClientError
 from tests.fleecing.conftest import MiB, VMID, LoopFs, WorldFactory, dir_storage, random_disk
 from tests.fleecing.helpers import backup_node_to_file, expect_pattern, guest_write
 from tests.support.qemu import DriveSpec

@@ -10,7 +10,7 @@ import pytest
 from qmpbackup.jobs.notify import (
     MAX_LOG_BYTES,
     TRUNCATED,
-    GuestResult,
+    MailGuest,
     JobReport,
     NotifyError,
     compose_mail,
@@ -20,12 +20,12 @@ from qmpbackup.jobs.notify import (
 )
 from qmpbackup.jobs.vzdump_conf import VzdumpOptions
 
-OK = GuestResult(100, True, 118, name="web01", size=5 * 2**30, filename="vzdump-qemu-100-x.vma.zst",
+OK = MailGuest(100, True, 118, name="web01", size=5 * 2**30, filename="vzdump-qemu-100-x.vma.zst",
                  log_lines=["2024-03-29 14:37:12 INFO: Starting Backup of VM 100 (qemu)", "status: 3%"])
-BAD = GuestResult(101, False, 3, name="db", error="guest agent not running", log_lines=["ERROR: boom"])
+BAD = MailGuest(101, False, 3, name="db", error="guest agent not running", log_lines=["ERROR: boom"])
 
 
-def report(*guests: GuestResult, error: str | None = None) -> JobReport:
+def report(*guests: MailGuest, error: str | None = None) -> JobReport:
     return JobReport("pve1", "qmpbackup backup 100 101", guests, 121, job_id="nightly", error=error,
                      job_log=["INFO: hook job-start ok"])
 
@@ -62,7 +62,7 @@ def test_mail_content() -> None:
 
 
 def test_long_logs_are_truncated() -> None:
-    big = GuestResult(100, True, 1, log_lines=[f"line {i} " + "x" * 100 for i in range(20000)])
+    big = MailGuest(100, True, 1, log_lines=[f"line {i} " + "x" * 100 for i in range(20000)])
     body = compose_mail(report(big), ["a@b"]).get_content()
     assert len(body.encode()) < MAX_LOG_BYTES + 10000
     assert body.rstrip().endswith(TRUNCATED)

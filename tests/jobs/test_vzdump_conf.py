@@ -10,7 +10,7 @@ import pytest
 from qmpbackup.errors import ConfigError
 from qmpbackup.jobs.vzdump_conf import (
     OPTIONS,
-    Fleecing,
+    FleecingOption,
     Performance,
     VzdumpOptions,
     layer_from_mapping,
@@ -56,7 +56,7 @@ def test_every_documented_option_parses() -> None:
     assert options == VzdumpOptions(
         dumpdir=Path("/srv/dump"), tmpdir=Path("/var/tmp"), mode="suspend", compress="zstd",
         zstd_threads=0, pigz_threads=2, bwlimit_kib=10240, ionice=5,
-        performance=Performance(max_workers=4), fleecing=Fleecing(True, "local-lvm"),
+        performance=Performance(max_workers=4), fleecing=FleecingOption(True, "local-lvm"),
         lockwait_min=30, stopwait_min=5, prune_backups=PruneOptions(keep_last=3, keep_daily=7),
         remove=False, protected=True, notes_template="{{guestname}} on {{node}}",
         script=Path("/usr/local/bin/hook.sh"), mailto=("root@example.com", "ops@example.com"),

@@ -1,6 +1,6 @@
-"""The smallest NBD client the 7.2 reclaim path needs: connect, ``OPT_GO``, ``TRIM``, ``READ``, ``DISC``.
+"""A small NBD client: connect, ``OPT_GO``, ``TRIM``, ``READ``, ``DISC``.
 
-It talks to QEMU's own NBD server on a private unix socket. Simple replies only (no
+Fleecing's 7.2 reclaim path uses it to talk to QEMU's own NBD server on a private unix socket. Simple replies only (no
 structured replies are negotiated), one request in flight: TRIMs are batched by the
 caller, so the round trips do not matter.
 """
@@ -11,8 +11,8 @@ import asyncio
 import logging
 import struct
 
-from fleecing.errors import FleecingError
 from qmpbackup.nbd import proto
+from qmpbackup.nbd.errors import NbdError
 from qmpbackup.nbd.proto import Cmd, Opt, Rep, TFlag
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ CONNECT_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
 
 
-class NbdClientError(FleecingError):
+class NbdClientError(NbdError):
     """The NBD conversation with QEMU failed; ``errno`` is the server's error code if it sent one."""
 
     def __init__(self, message: str, errno: int | None = None) -> None:
