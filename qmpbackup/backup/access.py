@@ -1,21 +1,27 @@
 """How a run reaches the VM's disks: its own QMP socket, or a paused QEMU we spawn for them.
 
-Stop mode shuts a running VM down first (through the agent, else ACPI) and starts it again
-with its guest definition's ``start`` command afterwards, also when the backup failed: a VM
-must not stay down because its backup did.
+Stop mode shuts a running VM down first (through the agent, else ACPI), takes an instant
+copy of its disks (:mod:`qmpbackup.backup.instant_copy`) and starts it again at once with
+its guest definition's ``start`` command, while the backup reads the copy. Where no instant
+copy is possible it starts the VM again after the backup, also when the backup failed: a
+VM must not stay down because its backup did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmpbackup.backup.instant_copy import NoInstantCopy, instant_copies
 from qmpbackup.backup.request import BackupError, GuestRequest
 from qmpbackup.backup.tasklog import TaskLog
 from qmpbackup.errors import QmpBackupError, UsageError
@@ -42,8 +48,8 @@ async def reach_qemu(req: GuestRequest, tasklog: TaskLog,
     Stop mode shuts a running VM down first and starts it again afterwards, also
     when the backup failed (a VM must not stay down because its backup did).
     """
-    qmp = req.qmp or (req.definition.reach.qmp if req.definition else None)
-    running = qmp is not None and qmp.exists()
+    qmp = _qmp_socket(req)
+    running = vm_is_running(req)
     if running and req.options.mode != "stop":
         assert qmp is not None
         async with QmpSession(str(req.vmid), qmp) as session:
@@ -65,16 +71,53 @@ async def reach_qemu(req: GuestRequest, tasklog: TaskLog,
         tasklog.info("status = stopped")
     stopped_at = time.monotonic()
     failed = True
+    restarted = False
     try:
-        tasklog.info("starting kvm to execute backup task")
-        async with SpawnedQemu(definition, state_dir=req.state_dir) as spawned:
-            async with QmpSession(str(req.vmid), spawned.qmp_path) as session:
-                yield QemuAccess(session, False, stopped_by_us=running)
-            tasklog.info("stopping kvm after backup task")
+        with contextlib.ExitStack() as copies:
+            on_disks = definition
+            if running:
+                on_disks = _instant_copy(definition, copies, tasklog)
+                if on_disks is not definition:
+                    restarted = await _start_again(definition, tasklog, stopped_at)
+                    if not restarted:
+                        raise BackupError(f"VM {req.vmid} could not be started again")
+            tasklog.info("starting kvm to execute backup task")
+            async with SpawnedQemu(on_disks, state_dir=req.state_dir) as spawned:
+                async with QmpSession(str(req.vmid), spawned.qmp_path) as session:
+                    yield QemuAccess(session, False, stopped_by_us=running)
+                tasklog.info("stopping kvm after backup task")
         failed = False
     finally:
-        if running and not await _start_again(definition, tasklog, hook, stopped_at) and not failed:
+        if running and not restarted and not await _start_again(definition, tasklog, stopped_at) and not failed:
             raise BackupError(f"VM {req.vmid} was backed up but could not be started again")
+
+
+def _instant_copy(definition: GuestDefinition, copies: contextlib.ExitStack, tasklog: TaskLog) -> GuestDefinition:
+    """The definition on instant copies of the disks to back up (dropped when ``copies`` closes), so
+    the VM can run again at once; the definition itself, with one line why, where none is possible."""
+    disks = [d for d in definition.disks if d.backup]
+    try:
+        taken = copies.enter_context(
+            instant_copies([Path(d.volume or "") for d in disks], f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+    except NoInstantCopy as exc:
+        tasklog.info(f"no instant copy of the disks ({exc}): the guest stays down until the backup is done")
+        return definition
+    methods = sorted({c.method for c in taken})
+    tasklog.info(f"took an instant copy of {len(taken)} disk(s) ({', '.join(methods)}); backing up the copy")
+    by_source = {d.key: str(c.path) for d, c in zip(disks, taken, strict=True)}
+    drives = tuple(dataclasses.replace(d, volume=by_source[d.key]) if d.key in by_source else d
+                   for d in definition.drives)
+    return dataclasses.replace(definition, drives=drives)
+
+
+def _qmp_socket(req: GuestRequest) -> Path | None:
+    return req.qmp or (req.definition.reach.qmp if req.definition else None)
+
+
+def vm_is_running(req: GuestRequest) -> bool:
+    """Whether the VM runs now (its QMP socket exists): a VM that does not is backed up in stop mode."""
+    qmp = _qmp_socket(req)
+    return qmp is not None and qmp.exists()
 
 
 async def _shut_down(req: GuestRequest, definition: GuestDefinition, qmp: Path, tasklog: TaskLog) -> None:
@@ -123,12 +166,12 @@ def _accepts(path: Path) -> bool:
     return True
 
 
-async def _start_again(definition: GuestDefinition, tasklog: TaskLog, hook: Callable[[str], Awaitable[None]],
-                       stopped_at: float) -> bool:
-    """Run the definition's start command; a failure is logged as an error and returns False."""
+async def _start_again(definition: GuestDefinition, tasklog: TaskLog, stopped_at: float) -> bool:
+    """Run the definition's start command; a failure is logged as an error and returns False.
+
+    The hooks' restart phases run later, in vzdump's order (see ``GuestRun``)."""
     assert definition.reach.start
     try:
-        await hook("pre-restart")
         tasklog.info("restarting VM")
         proc = await asyncio.create_subprocess_exec(
             *definition.reach.start, stdin=asyncio.subprocess.DEVNULL,
@@ -139,7 +182,6 @@ async def _start_again(definition: GuestDefinition, tasklog: TaskLog, hook: Call
         if proc.returncode != 0:
             raise BackupError(f"start command of VM {definition.vmid} failed with exit status {proc.returncode}")
         tasklog.info(f"guest is online again after {int(time.monotonic() - stopped_at)} seconds")
-        await hook("post-restart")
     except (QmpBackupError, OSError, TimeoutError) as exc:
         tasklog.error(f"unable to start VM {definition.vmid} again: {exc}")
         return False

@@ -26,21 +26,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
 from qmpbackup.atomic_file import atomic_output
-from qmpbackup.backup.access import QemuAccess, reach_qemu
+from qmpbackup.backup.access import QemuAccess, reach_qemu, vm_is_running
 from qmpbackup.backup.archive_config import DiskMap, assemble, vma_device_name
 from qmpbackup.backup.blockjobs import (
     BlockJob,
     BlockJobError,
+    BlockJobProgress,
     BlockJobs,
     attach_targets,
     detach_targets,
@@ -99,6 +101,12 @@ async def backup_guest(req: GuestRequest) -> GuestResult:
     Cancellation (a signal) propagates after cleanup, so the whole job stops.
     """
     return await GuestRun(req).backup()
+
+
+def _accounted(jobs: Sequence[BlockJob], progress: BlockJobProgress) -> int:
+    """Bytes accounted for: what QEMU copied, plus what it will not copy (unchanged since the
+    previous archive, whose clusters the archive takes from there)."""
+    return sum(j.size - progress.total.get(j.job_id, j.size) + progress.done.get(j.job_id, 0) for j in jobs)
 
 
 def _describe(exc: BaseException) -> str:
@@ -173,16 +181,19 @@ class GuestRun:
         tasklog = self.tasklog = TaskLog(None if req.stdout is not None else log_name(self.archive))
         try:
             tasklog.info(f"Starting Backup of VM {req.vmid} (qemu)")
-            tasklog.info(f"Backup started at {datetime.fromtimestamp(started):%Y-%m-%d %H:%M:%S}")
+            tasklog.file_only(f"Backup started at {datetime.fromtimestamp(started):%Y-%m-%d %H:%M:%S}")
             try:
                 try:
-                    await self.execute()
-                except PreviousArchiveError as exc:
-                    # Nothing of the damaged archive may reach the new one: start over, reading everything.
-                    tasklog.warn(str(exc))
-                    self._reset(full_reason=str(exc))
-                    await self.execute()
-                await self.hook("backup-end")
+                    try:
+                        await self.execute()
+                    except PreviousArchiveError as exc:
+                        # Nothing of the damaged archive may reach the new one: start over, reading everything.
+                        tasklog.warn(str(exc))
+                        self._reset(full_reason=str(exc))
+                        await self.execute()
+                    await self.hook("backup-end")
+                finally:
+                    await self._restart_hooks()
             except asyncio.CancelledError:
                 tasklog.error(f"Backup of VM {req.vmid} failed - interrupted by signal")
                 await _quietly(self.hook("backup-abort"), tasklog)
@@ -190,12 +201,12 @@ class GuestRun:
             except (QmpBackupError, OSError) as exc:  # OSError: the dump storage (full, gone, read-only)
                 result.error = _describe(exc)
                 tasklog.error(f"Backup of VM {req.vmid} failed - {result.error}")
-                tasklog.info(f"Failed at {datetime.now():%Y-%m-%d %H:%M:%S}")
+                tasklog.file_only(f"Failed at {datetime.now():%Y-%m-%d %H:%M:%S}")
                 await _quietly(self.hook("backup-abort"), tasklog)
             else:
                 result.status = "ok"
                 tasklog.info(f"Finished Backup of VM {req.vmid} ({render_hms(time.time() - started)})")
-                tasklog.info(f"Backup finished at {datetime.now():%Y-%m-%d %H:%M:%S}")
+                tasklog.file_only(f"Backup finished at {datetime.now():%Y-%m-%d %H:%M:%S}")
         finally:
             result.duration_s = round(time.time() - started, 3)
             result.warnings = list(tasklog.warnings)
@@ -206,6 +217,16 @@ class GuestRun:
     async def hook(self, phase: str) -> None:
         if self.req.hooks is not None:
             await self.req.hooks.guest_phase(phase, self.guest)
+
+    async def _restart_hooks(self) -> None:
+        """vzdump runs ``pre-restart``/``post-restart`` of suspend and stop mode in its clean-up step:
+        after ``backup-end``, before ``backup-abort``, whenever the guest was resumed or started
+        again (here it already runs again by then); their failures are only warnings."""
+        access = self.access
+        suspended = self.mode == "suspend" and access is not None and access.running and self.status == "running"
+        if suspended or (access is not None and access.stopped_by_us):
+            await _quietly(self.hook("pre-restart"), self.tasklog)
+            await _quietly(self.hook("post-restart"), self.tasklog)
 
     def _enter(self, state: RunState) -> None:
         log.debug("VM %d: %s -> %s", self.req.vmid, self.state.value, state.value)
@@ -241,6 +262,9 @@ class GuestRun:
         req, tasklog, opts = self.req, self.tasklog, self.req.options
         if not opts.remove and req.stdout is None:  # vzdump's retention pre-check, before anything else
             check_backup_limit(req.dump_dir, req.vmid, opts.effective_prune)
+        if not vm_is_running(req):  # as vzdump: a stopped VM is backed up (and its hooks run) in stop mode
+            self.mode = "stop"
+            self.guest = dataclasses.replace(self.guest, mode="stop")
         access = self.access = await teardown.enter_async_context(reach_qemu(req, tasklog, self.hook))
         session, running = access.session, access.running
         if running:
@@ -267,6 +291,7 @@ class GuestRun:
         chosen = _select_disks(definition, disks, tasklog)
 
         self.mode = opts.mode if running else "stop"
+        self.guest = dataclasses.replace(self.guest, mode=self.mode)  # the hooks say what the log says
         tasklog.info(f"backup mode: {self.mode}")
         if opts.bwlimit_kib:
             tasklog.info(f"bandwidth limit: {opts.bwlimit_kib} KiB/s")
@@ -355,7 +380,8 @@ class GuestRun:
             async with consistency_window(run.session, run.journal, self.tasklog, vmid=req.vmid,
                                           definition=self.definition,
                                           qga=req.qga or self.definition.reach.qga,
-                                          mode=self.mode, status=self.status) as window:
+                                          mode=self.mode, status=self.status,
+                                          task_id=str(run.archive_uuid)) as window:
                 for feature in self.features:
                     await feature.at_snapshot_point(run)
                 if not run.snapshot_in_transaction:
@@ -370,10 +396,11 @@ class GuestRun:
             progress = self._progress = Progress(total_bytes=sum(j.size for j in self.jobs),
                                                  started=self._transfer_started, interval_s=PROGRESS_INTERVAL_S)
             try:
-                async for _ in block_jobs.progress():
+                async for job_progress in block_jobs.progress():
                     datapath.server.check()  # the endpoint failed: stop the block jobs
                     stats = datapath.stats()
-                    line = progress.line(time.monotonic(), stats.received, stats.zero)
+                    line = progress.line(time.monotonic(), stats.received, stats.zero,
+                                         done=_accounted(self.jobs, job_progress))
                     if line:
                         self.tasklog.info(line)
             except BlockJobError as exc:
@@ -398,8 +425,9 @@ class GuestRun:
         await datapath.finish()
         await hold("finished")
         stats = datapath.stats()
-        if self.jobs:
-            tasklog.info(progress.line(time.monotonic(), stats.received, stats.zero, force=True) or "")
+        last = progress.final(time.monotonic(), stats.received, stats.zero) if self.jobs else None
+        if last:
+            tasklog.info(last)
         elapsed = time.monotonic() - self._transfer_started
         await self._archive.aclose()  # fsync, rename: the archive is published
         datapath.publish_index(self.archive if self.req.stdout is None else None)

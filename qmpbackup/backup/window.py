@@ -56,10 +56,11 @@ def _freeze_agent(definition: GuestDefinition, qga: Path | None, mode: str, stat
 @contextlib.asynccontextmanager
 async def consistency_window(session: QmpSession, journal: Journal, tasklog: TaskLog, *, vmid: int,
                              definition: GuestDefinition, qga: Path | None, mode: str,
-                             status: str) -> AsyncIterator[Window]:
+                             status: str, task_id: str = "") -> AsyncIterator[Window]:
     """Pause (suspend mode) or freeze (snapshot mode) → the block → thaw, resume.
 
-    ``status`` is the VM's run state before the backup (``running``, ``paused`` …). The
+    ``status`` is the VM's run state before the backup (``running``, ``paused`` …); ``task_id``
+    names the backup task in vzdump's ``started backup task '…'`` line. The
     freeze and the pause are journaled before they happen and watched by a guard process
     (:func:`qmpbackup.backup.guard.guarded`) while they last.
     """
@@ -96,7 +97,9 @@ async def consistency_window(session: QmpSession, journal: Journal, tasklog: Tas
             window.frozen_for_s = outcome.frozen_for_s
             if outcome.frozen_for_s is not None:
                 tasklog.info(f"guest filesystems were frozen for {outcome.frozen_for_s:.3f} s")
-        tasklog.info("started backup task")
+        tasklog.info(f"started backup task '{task_id}'" if task_id else "started backup task")
+        if mode == "snapshot" and status == "running":
+            tasklog.info("resuming VM again")  # vzdump's line here: the guest runs on during the backup
 
 
 @contextlib.asynccontextmanager

@@ -182,11 +182,16 @@ async def run_backup_job(plan: JobPlan) -> JobOutcome:
             except BaseException:
                 await _quiet_job_abort(hooks)
                 raise
-        for vmid in plan.vmids:
-            results.append(await backup_guest(_guest_request(plan, vmid)))
+        try:
+            for vmid in plan.vmids:
+                results.append(await backup_guest(_guest_request(plan, vmid)))
+        except BaseException:  # a job-level error (a signal ends the whole job)
+            if hooks:
+                await _quiet_job_abort(hooks)
+            raise
         failed = [r for r in results if r.status != "ok"]
         if hooks:
-            await hooks.job_phase("job-abort" if failed else "job-end")
+            await hooks.job_phase("job-end")  # vzdump: failed guests still end the job; job-abort is for job errors
         task.info("Backup job finished with errors" if failed else "Backup job finished successfully")
     finally:
         lock.release()

@@ -1,0 +1,95 @@
+"""Stop mode keeps the VM down only for the clean shutdown plus an instant copy of its disks.
+
+The test guest's data disk lives on a loop-mounted xfs or btrfs (reflink clones); the
+backup reads the copy at ``--bwlimit`` so that it takes at least 20 s, while the VM is
+already running again. Times are taken as the CLI's lines arrive.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qmpbackup.backup.instant_copy import COPY_MARK
+from tests.support.backup import BackupRun
+from tests.support.guest import (  # noqa: F401  (fixtures)
+    GuestFactory,
+    GuestImage,
+    GuestOptions,
+    _make_ext4,
+    guest_image,
+)
+from tests.support.loopfs import LoopFs, loopfs  # noqa: F401
+from tests.support.qemu import QemuBinaries
+
+pytestmark = [pytest.mark.guest, pytest.mark.qemu, pytest.mark.timeout(300)]
+
+DATA_MB = 48
+BWLIMIT_KIB = 2048  # 48 MiB at 2 MiB/s: the copy takes about 24 s
+
+
+@pytest.fixture
+def guests(guest_image: GuestImage) -> Iterator[GuestFactory]:  # noqa: F811 - the imported fixture
+    with GuestFactory(guest_image) as factory:
+        yield factory
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBinaries, guests: GuestFactory,
+                                                       loopfs: Callable[[str, int], LoopFs],  # noqa: F811
+                                                       tmp_path: Path, isolated_config: Path) -> None:
+    fs = loopfs(fstype, 400 << 20)
+    data = fs.mountpoint / "vm-100-disk-1.raw"
+    _make_ext4(data, DATA_MB, ())
+    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw",
+                                      data_disk=data))
+    guest.wait_writer(above=2)
+    started_file = tmp_path / "started-at"
+    start = tmp_path / "start.sh"
+    start.write_text(f"#!/bin/sh\ndate +%s.%N > {started_file}\nsetsid " + shlex.join(guest.argv)
+                     + " </dev/null >/dev/null 2>&1 &\n")
+    start.chmod(0o755)
+    (isolated_config / "guests").mkdir()
+    (isolated_config / "guests" / "100.conf").write_text(
+        f"name: stopme\nagent: 1\nvirtio0: {data},format=raw\n\n[qmpbackup]\n"
+        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    run = BackupRun(tmp_path)
+    seen: dict[str, float] = {}
+    proc = run.start("100", "--mode", "stop", "--stopwait", "1", "--bwlimit", str(BWLIMIT_KIB))
+
+    def watch_exit() -> None:
+        assert guest.proc is not None
+        guest.proc.wait()
+        seen["qemu exited"] = time.time()
+
+    watcher = threading.Thread(target=watch_exit, daemon=True)
+    watcher.start()
+    lines = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "stopping virtual guest" in line:
+                seen.setdefault("stopping", time.time())
+        proc.wait(timeout=240)
+        seen["done"] = time.time()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-9", "-f", str(guest.qmp_path)], check=False)
+    text = "".join(lines)
+    assert proc.returncode == 0, text
+    watcher.join(timeout=5)
+    restarted = float(started_file.read_text())
+    shutdown = seen["qemu exited"] - seen["stopping"]
+    downtime = restarted - seen["stopping"]
+    assert downtime <= shutdown + 3.0, f"down {downtime:.1f} s, of which the shutdown {shutdown:.1f} s\n{text}"
+    assert seen["done"] - restarted >= 20.0, "the backup read the copy after the VM was running again"
+    assert "reflink" in text
+    assert not [p for p in fs.mountpoint.iterdir() if COPY_MARK in p.name], "the copy is dropped"
