@@ -78,7 +78,7 @@ def fr(workdir: Path, archive: Path) -> Iterator[list[str]]:
     yield prefix
     subprocess.run([*prefix, "--stop", str(archive)], check=True, timeout=60)
     assert not list((workdir / "run" / "file-restore").glob("*/pid"))
-    assert subprocess.run(["pgrep", "-f", "qmpbackup-file-restore"], capture_output=True).returncode == 1
+    assert subprocess.run(["pgrep", "-f", str(workdir / "run")], capture_output=True).returncode == 1
     assert _findmnt() == before  # the host mounted nothing
 
 
