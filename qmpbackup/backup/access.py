@@ -25,9 +25,9 @@ from qmpbackup.backup.instant_copy import NoInstantCopy, instant_copies
 from qmpbackup.backup.request import BackupError, GuestRequest
 from qmpbackup.backup.tasklog import TaskLog
 from qmpbackup.errors import QmpBackupError, UsageError
-from qmpbackup.guest_agent.client import GuestAgentClient
 from qmpbackup.guest_config import GuestDefinition
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.qemu.shutdown import clean_shutdown
 from qmpbackup.qemu.spawn import SpawnedQemu
 
 
@@ -124,32 +124,9 @@ async def _shut_down(req: GuestRequest, definition: GuestDefinition, qmp: Path, 
     """A clean shutdown through the agent (else ACPI), waiting up to ``stopwait`` minutes for QEMU to exit."""
     limit = req.options.stopwait_min * 60
     tasklog.info("stopping virtual guest")
-    async with QmpSession(str(req.vmid), qmp) as session:
-        qga = req.qga or definition.reach.qga
-        asked = False
-        if definition.agent.enabled and qga is not None:
-            try:
-                async with GuestAgentClient(str(qga), name=f"VM {req.vmid}") as agent:
-                    await agent.shutdown()
-                asked = True
-            except QmpBackupError as exc:
-                tasklog.warn(f"guest agent shutdown failed ({exc}), trying ACPI")
-        if not asked:
-            await session.execute("system_powerdown")
-        try:
-            async with asyncio.timeout(limit):
-                while True:
-                    try:
-                        status = (await session.execute("query-status"))["status"]
-                    except QmpBackupError:
-                        break  # QEMU has gone away
-                    if status == "shutdown":  # started with -no-shutdown: ask it to leave
-                        with contextlib.suppress(QmpBackupError):
-                            await session.execute("quit")
-                        break
-                    await asyncio.sleep(0.5)
-        except TimeoutError:
-            raise BackupError(f"VM {req.vmid} did not shut down within {req.options.stopwait_min} minutes") from None
+    qga = req.qga or definition.reach.qga
+    if not await clean_shutdown(req.vmid, qmp, qga if definition.agent.enabled else None, limit, tasklog.warn):
+        raise BackupError(f"VM {req.vmid} did not shut down within {req.options.stopwait_min} minutes")
     # QEMU releases its image locks when it exits; its QMP socket goes with it.
     async with asyncio.timeout(30):
         while qmp.exists() and _accepts(qmp):
