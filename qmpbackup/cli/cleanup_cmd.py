@@ -3,7 +3,8 @@
 Replays each VM's journal (the nodes, filters, exports and jobs in its QEMU; the device
 back on its own node; fleecing images), then looks for leftovers by name (when the
 journal is gone), deletes ``vm-<vmid>-fleece-*`` files on file storages, and kills QEMUs
-we spawned whose run died. Without VMID: every VM that has a journal.
+we spawned whose run died. Without VMID: every VM that has a journal, then the host journals
+(:mod:`qmpbackup.mount.host_journal`): ``export --daemon`` processes, and killed ``mount`` runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from qmpbackup.file_restore.client import stop_all
 from qmpbackup.guest_config import check_vmid, guest_path, load_guest
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 from qmpbackup.jobs.storage_cfg import load_storage_cfg
+from qmpbackup.mount.host_journal import HostCleanup, cleanup_host
 from qmpbackup.recovery.cleanup import CleanupReport, cleanup_vm, kill_spawned_orphans
 from qmpbackup.recovery.state import DEFAULT_STATE_DIR, journaled_vmids
 
@@ -61,8 +63,10 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
     killed = kill_spawned_orphans(state_dir)
     if args.vmid is None:
         killed += [f"ended file-restore helper {name}" for name in stop_all(args.run_dir)]
+    host = await cleanup_host(state_dir) if args.vmid is None else HostCleanup()
     if getattr(args, "output_format", "text") == "json":
-        print_json({"vms": [r.as_json() for r in reports], "killed": killed})
+        print_json({"vms": [r.as_json() for r in reports], "killed": killed,
+                    "host": {"actions": host.actions, "failures": host.failures}})
     else:
         for r in reports:
             for line in r.actions:
@@ -71,9 +75,11 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
                 sys.stdout.write(f"VM {r.vmid}: FAILED: {line}\n")
             if not r.actions and not r.failures:
                 sys.stdout.write(f"VM {r.vmid}: nothing to clean up\n")
-        for line in killed:
+        for line in killed + host.actions:
             sys.stdout.write(f"{line}\n")
-    failures = [f"VM {r.vmid}: {f}" for r in reports for f in r.failures]
+        for line in host.failures:
+            sys.stdout.write(f"FAILED: {line}\n")
+    failures = [f"VM {r.vmid}: {f}" for r in reports for f in r.failures] + host.failures
     if failures:
         raise CleanupIncomplete(f"cleanup incomplete: {failures[0]}" +
                                 (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))

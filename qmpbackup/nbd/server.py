@@ -14,6 +14,8 @@ connection once by itself, so refusing is what makes its job fail instead of res
 
 A server of read-only exports (``qmpbackup export``) is made with ``keep_serving=True``: a
 misbehaving client is logged and loses its connection, and the server goes on serving others.
+It may have its socket in any folder (``private_dir=False``): its exports cannot be written,
+and the socket's mode 0600 keeps other users out.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ class NbdServer:
         max_request: int = MAX_REQUEST,
         handshake_timeout: float = 30.0,
         keep_serving: bool = False,
+        private_dir: bool = True,
     ) -> None:
         self.path = Path(path)
         self._keep_serving = keep_serving
+        self._private_dir = private_dir
         self.name = name
         self._max_request = max_request
         self._handshake_timeout = handshake_timeout
@@ -148,7 +152,7 @@ class NbdServer:
             info = parent.stat()
         except OSError as err:
             raise NbdError(f"NBD socket directory {parent}: {err.strerror}") from err
-        if stat.S_IMODE(info.st_mode) & 0o077 or info.st_uid != os.getuid():
+        if self._private_dir and (stat.S_IMODE(info.st_mode) & 0o077 or info.st_uid != os.getuid()):
             raise NbdError(f"NBD socket directory {parent} must be ours with mode 0700")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
