@@ -16,14 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.cli.cleanup_cmd import DEFAULT_STATE_DIR
+from qmpbackup.recovery.state import DEFAULT_STATE_DIR
 from qmpbackup.cli.common import Context
 from qmpbackup.errors import EXIT_FAILED, UsageError
-from qmpbackup.journal import Journal, JournalError
+from qmpbackup.recovery.journal import Journal, JournalError
 from qmpbackup.mount.export_service import describe, detach_stdio, serve_forever
 from qmpbackup.mount.host_journal import KIND_EXPORT_DAEMON, export_journal_path
 from qmpbackup.nbd import ExportSource
-from qmpbackup.qemu.process_records import default_state_dir, process_create_time
+from qmpbackup.mount.host_journal import runtime_dir
+from qmpbackup.recovery.spawned import process_create_time
 from qmpbackup.vma.random_access import ArchiveDevices
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def default_socket(archive: Path) -> Path:
-    return default_state_dir() / "export" / f"{archive.name}.sock"
+    return runtime_dir() / "export" / f"{archive.name}.sock"
 
 
 @contextmanager

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.cli.cleanup_cmd import DEFAULT_STATE_DIR
+from qmpbackup.recovery.state import DEFAULT_STATE_DIR
 from qmpbackup.cli.common import Context
 from qmpbackup.mount.mount_archive import mount_archive, umount
-from qmpbackup.qemu.process_records import default_state_dir
+from qmpbackup.mount.host_journal import runtime_dir
 
 KERNEL_NOTE = ("This parses the guest's file system in the host kernel: mount only archives you "
                "trust. Needs root.")
@@ -44,7 +44,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 async def run_mount(args: argparse.Namespace, ctx: Context) -> int:
     mounted = await mount_archive(args.archive, args.drive, args.mountpoint, args.partition,
-                                  args.state_dir, default_state_dir())
+                                  args.state_dir, runtime_dir())
     sys.stdout.write(f"{args.drive}: {mounted.fstype} on {mounted.device} mounted read-only at "
                      f"{args.mountpoint.absolute()}\n")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from qmpbackup.errors import QmpBackupError, UsageError
-from qmpbackup.journal import Journal
+from qmpbackup.recovery.journal import Journal
 from qmpbackup.mount.host_journal import (
     KIND_FUSE_EXPORT,
     KIND_LOOP_DEVICE,

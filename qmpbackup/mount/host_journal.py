@@ -38,17 +38,18 @@ from typing import Final
 
 import psutil
 
-from qmpbackup.journal import Entry, Journal, JournalError, Undo, unwind
-from qmpbackup.qemu.process_records import CREATE_TIME_SLACK_S, process_create_time
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal, JournalError, Undo
+from qmpbackup.recovery.spawned import CREATE_TIME_SLACK_S, process_create_time
 
 log = logging.getLogger(__name__)
 
-KIND_EXPORT_DAEMON: Final = "export-daemon"
-KIND_MOUNT_DIR: Final = "mount-dir"
-KIND_FUSE_EXPORT: Final = "fuse-export"
-KIND_LOOP_DEVICE: Final = "loop-device"
-KIND_MOUNT: Final = "mount"
-KIND_MOUNTED: Final = "mounted"
+KIND_EXPORT_DAEMON: Final = kinds.EXPORT_DAEMON
+KIND_MOUNT_DIR: Final = kinds.MOUNT_DIR
+KIND_FUSE_EXPORT: Final = kinds.FUSE_EXPORT
+KIND_LOOP_DEVICE: Final = kinds.LOOP_DEVICE
+KIND_MOUNT: Final = kinds.MOUNT
+KIND_MOUNTED: Final = kinds.MOUNTED
 
 STOP_TIMEOUT: Final = 10.0
 MOUNT_DIR_PREFIX: Final = "mount-"
@@ -214,12 +215,12 @@ async def undo_mounted(entry: Entry) -> None:
 
 
 UNDO_STEPS: Final[dict[str, Undo]] = {
-    KIND_EXPORT_DAEMON: undo_export_daemon,
-    KIND_MOUNT_DIR: undo_mount_dir,
-    KIND_FUSE_EXPORT: undo_fuse_export,
-    KIND_LOOP_DEVICE: undo_loop_device,
-    KIND_MOUNT: undo_mount,
-    KIND_MOUNTED: undo_mounted,
+    KIND_EXPORT_DAEMON.name: undo_export_daemon,
+    KIND_MOUNT_DIR.name: undo_mount_dir,
+    KIND_FUSE_EXPORT.name: undo_fuse_export,
+    KIND_LOOP_DEVICE.name: undo_loop_device,
+    KIND_MOUNT.name: undo_mount,
+    KIND_MOUNTED.name: undo_mounted,
 }
 
 
@@ -234,7 +235,7 @@ class HostCleanup:
 def live_mount(journal: Journal) -> Path | None:
     """The mount point of a complete mount that is still mounted, or None."""
     for entry in journal.pending():
-        if entry.kind == KIND_MOUNTED:
+        if entry.kind == KIND_MOUNTED.name:
             mountpoint = Path(str(entry.data["mountpoint"]))
             if is_mountpoint(mountpoint):
                 return mountpoint
@@ -247,7 +248,7 @@ async def undo_all(journal: Journal, say: Callable[[str], None] | None = None) -
     def logged(kind: str, step: Undo) -> Undo:
         async def run(entry: Entry) -> None:
             await step(entry)
-            if say is not None and kind != KIND_MOUNTED:
+            if say is not None and kind != KIND_MOUNTED.name:
                 say(f"undid {kind} {_describe(entry)}")
         return run
 
@@ -281,3 +282,31 @@ async def cleanup_host(state_dir: Path) -> HostCleanup:
                 continue
             report.failures += await undo_all(journal, report.actions.append)
     return report
+
+
+async def unwind(journal: Journal, handlers: dict[str, Undo], step_timeout: float = 60.0) -> list[str]:
+    """Undo every pending entry, newest first; a failed step is logged and kept pending."""
+    failures: list[str] = []
+    for entry in reversed(journal.pending()):
+        handler = handlers.get(entry.kind)
+        if handler is None:
+            failures.append(f"no cleanup step for {entry.kind} {dict(entry.data)}")
+            continue
+        try:
+            async with asyncio.timeout(step_timeout):
+                await handler(entry)
+        except Exception as exc:  # logged, kept pending; the other steps still run
+            message = f"cleanup of {entry.kind} {dict(entry.data)} failed: {exc or type(exc).__name__}"
+            log.warning("%s", message)
+            failures.append(message)
+            continue
+        journal.resolve(entry)
+    return failures
+
+
+def runtime_dir() -> Path:
+    """Where export sockets and mount run folders live: /run/qmpbackup for root, else the user's runtime dir."""
+    if os.geteuid() == 0:
+        return Path("/run/qmpbackup")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/qmpbackup-{os.geteuid()}"
+    return Path(base) / "qmpbackup"

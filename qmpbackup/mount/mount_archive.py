@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmpbackup.errors import UsageError
-from qmpbackup.journal import Journal
+from qmpbackup.recovery.journal import Journal
 from qmpbackup.mount.attach import (
     MountError,
     check_mountpoint,
@@ -56,7 +56,7 @@ async def start_export(journal: Journal, archive: Path, rundir: Path) -> tuple[P
     """``qmpbackup export --daemon`` of ``archive`` in ``rundir``; returns its socket and exports."""
     socket_path = rundir / "nbd.sock"
     pidfile = rundir / "export.pid"
-    journal.record(KIND_EXPORT_DAEMON, socket=str(socket_path), pidfile=str(pidfile))
+    journal.record(KIND_EXPORT_DAEMON, socket=str(socket_path), pidfile=str(pidfile), pid=None, create_time=None)
     try:
         out = await run_tool(sys.executable, "-m", "qmpbackup.cli.main", "export", str(archive.absolute()),
                              "--socket", str(socket_path), "--pidfile", str(pidfile), "--daemon",

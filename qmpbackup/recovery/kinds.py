@@ -64,11 +64,19 @@ FLEECING_IMAGE = Kind("fleecing-image", {
     nullable=frozenset({"volume"}))
 OUTPUT_FILE = Kind("output-file", {"path": str}, "host")
 RUN_FOLDER = Kind("run-folder", {"path": str}, "host")
+# qmpbackup export --daemon and qmpbackup mount (the host journal, not a VM's)
+EXPORT_DAEMON = Kind("export-daemon", {"socket": str, "pidfile": str, "pid": int, "create_time": float}, "host",
+                     frozenset({"pid", "create_time"}))
+MOUNT_DIR = Kind("mount-dir", {"path": str}, "host")
+FUSE_EXPORT = Kind("fuse-export", {"fuse": str, "pidfile": str}, "host")
+LOOP_DEVICE = Kind("loop-device", {"backing": str}, "host")
+MOUNT = Kind("mount", {"mountpoint": str}, "host")
+MOUNTED = Kind("mounted", {"mountpoint": str, "archive": str, "drive": str, "device": str}, "host")
 
 #: The registry: a kind not listed here cannot be recorded.
 KINDS: dict[str, Kind] = {k.name: k for k in (
     BLOCKDEV, BLOCKJOB, BITMAP, PAUSE, FREEZE, DRIVE_FILTER, BLOCK_EXPORT, NBD_SERVER, FLEECING_IMAGE,
-    OUTPUT_FILE, RUN_FOLDER)}
+    OUTPUT_FILE, RUN_FOLDER, EXPORT_DAEMON, MOUNT_DIR, FUSE_EXPORT, LOOP_DEVICE, MOUNT, MOUNTED)}
 
 
 def entry_problem(kind: str, data: Mapping[str, Any], *, exact: bool = False) -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qmpbackup.errors import UsageError
-from qmpbackup.journal import Journal
+from qmpbackup.recovery.journal import Journal
 from qmpbackup.mount.host_journal import KIND_MOUNTED, is_mountpoint, undo_all
 from qmpbackup.mount.mount_archive import attach, make_rundir
 from qmpbackup.nbd import Export, NbdServer
