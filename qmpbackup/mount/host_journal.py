@@ -150,7 +150,7 @@ def _pid_from_file(path: Path) -> int | None:
 async def undo_export_daemon(entry: Entry) -> None:
     socket_path = str(entry.data["socket"])
     pidfile = Path(str(entry.data["pidfile"]))
-    if "pid" in entry.data:
+    if entry.data.get("pid") is not None and entry.data.get("create_time") is not None:
         await stop_process(int(entry.data["pid"]), float(entry.data["create_time"]))
     elif (pid := _pid_from_file(pidfile)) is not None and _serves_socket(pid, socket_path):
         await stop_process(pid, None)
