@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         reports.append(await cleanup_vm(vmid, state_dir, _qmp_socket(ctx, vmid, args.qmp), storages))
     killed = kill_spawned_orphans(state_dir)
     if args.vmid is None:
-        killed += [f"ended file-restore helper {name}" for name in stop_all(args.run_dir)]
+        killed += [f"ended file-restore helper {name}" for name in await stop_all(args.run_dir)]
     host = await cleanup_host(state_dir) if args.vmid is None else HostCleanup()
     if getattr(args, "output_format", "text") == "json":
         print_json({"vms": [r.as_json() for r in reports], "killed": killed,

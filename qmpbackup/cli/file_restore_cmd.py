@@ -89,7 +89,7 @@ async def run(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError(f"file-restore: {archive}: no such archive")
     run_dir = _run_dir(args)
     if args.stop:
-        if not stop_folder(daemon_folder(run_dir, archive)):
+        if not await stop_folder(daemon_folder(run_dir, archive)):
             print(f"no file-restore helper runs for {archive}", file=sys.stderr)
         return 0
     if args.action is None:

@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from qmpbackup.errors import QmpBackupError, UsageError
 from qmpbackup.file_restore.channel import end_status, read_frame
 from qmpbackup.file_restore.wire import END, request_line
+from qmpbackup.recovery.spawned import stop_process
 
 START_TIMEOUT_S = 300.0
 FOLDER = "file-restore"
@@ -69,7 +71,7 @@ async def ensure_daemon(archive: Path, run_dir: Path, opts: DaemonOptions) -> Pa
         if _alive(folder) is not None and await _status(folder / "control.sock") is not None:
             return folder / "control.sock"
         if folder.exists():
-            stop_folder(folder)
+            await stop_folder(folder)
         folder.mkdir(mode=0o700)
         log = open(folder / "daemon.log", "wb")
         cmd = [sys.executable, "-m", "qmpbackup.file_restore.daemon", "--archive", str(archive.resolve()),
@@ -84,7 +86,7 @@ async def ensure_daemon(archive: Path, run_dir: Path, opts: DaemonOptions) -> Pa
             if await _status(folder / "control.sock") is not None:
                 return folder / "control.sock"
             await asyncio.sleep(0.1)
-        stop_folder(folder)
+        await stop_folder(folder)
         raise FileRestoreError(f"the file-restore helper did not start within {START_TIMEOUT_S:.0f} s")
 
 
@@ -126,7 +128,7 @@ async def request(sock: Path, req: dict[str, Any], timeout: float = 600.0) -> As
             await writer.wait_closed()
 
 
-def stop_folder(folder: Path) -> bool:
+async def stop_folder(folder: Path) -> bool:
     """End the daemon of ``folder`` (and its QEMU, should the daemon be gone); True if one ran."""
     ran = False
     for name in ("pid", "qemu.pid"):
@@ -134,32 +136,20 @@ def stop_folder(folder: Path) -> bool:
             pid = int((folder / name).read_text())
         except (OSError, ValueError):
             continue
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-                ran = True
-            except ProcessLookupError:
-                break
-            for _ in range(50):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-            else:
-                continue
-            break
+        if psutil.pid_exists(pid):
+            ran = True
+            await stop_process(pid, None, timeout=5.0)
     shutil.rmtree(folder, ignore_errors=True)
     return ran
 
 
-def stop_all(run_dir: Path) -> list[str]:
+async def stop_all(run_dir: Path) -> list[str]:
     """End every file-restore daemon under ``run_dir`` (``qmpbackup cleanup``); their folders' names."""
     base = run_dir / FOLDER
     stopped = []
     for folder in sorted(base.iterdir()) if base.is_dir() else []:
         if folder.is_dir():
-            stop_folder(folder)
+            await stop_folder(folder)
             stopped.append(folder.name)
     return stopped
 

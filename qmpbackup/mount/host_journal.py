@@ -29,8 +29,6 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,8 @@ import psutil
 
 from qmpbackup.recovery import kinds
 from qmpbackup.recovery.journal import Entry, Journal, JournalError, Undo
-from qmpbackup.recovery.spawned import CREATE_TIME_SLACK_S, process_create_time
+from qmpbackup.recovery.replay import replay
+from qmpbackup.recovery.spawned import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ KIND_LOOP_DEVICE: Final = kinds.LOOP_DEVICE
 KIND_MOUNT: Final = kinds.MOUNT
 KIND_MOUNTED: Final = kinds.MOUNTED
 
-STOP_TIMEOUT: Final = 10.0
 MOUNT_DIR_PREFIX: Final = "mount-"
 
 
@@ -107,35 +105,6 @@ async def run_tool(*args: str, timeout: float = 60.0) -> str:
         message = err.decode(errors="replace").strip().splitlines()
         raise OSError(f"{args[0]} failed: {message[-1] if message else f'exit {proc.returncode}'}")
     return out.decode(errors="replace")
-
-
-def same_process(pid: int, create_time: float) -> bool:
-    now = process_create_time(pid)
-    return now is not None and abs(now - create_time) <= CREATE_TIME_SLACK_S
-
-
-async def stop_process(pid: int, create_time: float | None, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM ``pid`` (if it is still the process we started), SIGKILL after ``timeout``."""
-    if create_time is not None and not same_process(pid, create_time):
-        return
-    try:
-        proc = psutil.Process(pid)
-        proc.send_signal(signal.SIGTERM)
-    except psutil.Error:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return
-        except psutil.Error:
-            return
-        await asyncio.sleep(0.05)
-    log.warning("process %d did not end within %g s of SIGTERM; killing it", pid, timeout)
-    try:
-        proc.kill()
-    except psutil.Error:
-        pass
 
 
 def _pid_from_file(path: Path) -> int | None:
@@ -245,14 +214,11 @@ def live_mount(journal: Journal) -> Path | None:
 async def undo_all(journal: Journal, say: Callable[[str], None] | None = None) -> list[str]:
     """Undo every pending entry of one host journal, newest first; returns the failures."""
 
-    def logged(kind: str, step: Undo) -> Undo:
-        async def run(entry: Entry) -> None:
-            await step(entry)
-            if say is not None and kind != KIND_MOUNTED.name:
-                say(f"undid {kind} {_describe(entry)}")
-        return run
+    def undone(entry: Entry) -> None:
+        if say is not None and entry.kind != KIND_MOUNTED.name:
+            say(f"undid {entry.kind} {_describe(entry)}")
 
-    return await unwind(journal, {k: logged(k, v) for k, v in UNDO_STEPS.items()})
+    return await replay(journal, None, steps=lambda _session: UNDO_STEPS, undone=undone)
 
 
 def _describe(entry: Entry) -> str:
@@ -282,26 +248,6 @@ async def cleanup_host(state_dir: Path) -> HostCleanup:
                 continue
             report.failures += await undo_all(journal, report.actions.append)
     return report
-
-
-async def unwind(journal: Journal, handlers: dict[str, Undo], step_timeout: float = 60.0) -> list[str]:
-    """Undo every pending entry, newest first; a failed step is logged and kept pending."""
-    failures: list[str] = []
-    for entry in reversed(journal.pending()):
-        handler = handlers.get(entry.kind)
-        if handler is None:
-            failures.append(f"no cleanup step for {entry.kind} {dict(entry.data)}")
-            continue
-        try:
-            async with asyncio.timeout(step_timeout):
-                await handler(entry)
-        except Exception as exc:  # logged, kept pending; the other steps still run
-            message = f"cleanup of {entry.kind} {dict(entry.data)} failed: {exc or type(exc).__name__}"
-            log.warning("%s", message)
-            failures.append(message)
-            continue
-        journal.resolve(entry)
-    return failures
 
 
 def runtime_dir() -> Path:

@@ -8,13 +8,10 @@ power off (ACPI, or the guest agent) and ends QEMU after the timeout.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from qmpbackup.errors import QmpBackupError
 from qmpbackup.guest_config import GuestDefinition
 from qmpbackup.qemu.errors import SpawnError
 from qmpbackup.qemu.shutdown import clean_shutdown
+from qmpbackup.recovery.spawned import stop_process
 from qmpbackup.qemu.spawn import DEFAULT_BINARY, kvm_usable
 from qmpbackup.qemu.vm_command import vm_command
 
@@ -101,31 +99,7 @@ async def stop_vm(vmid: int, run_dir: Path, timeout: float = 60.0) -> bool:
             log.warning("VM %d did not power off within %g s: ending QEMU", vmid, timeout)
     except QmpBackupError as exc:  # QMP gone or wedged: the signals below end QEMU anyway
         log.warning("VM %d: %s", vmid, exc)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if await _gone(pid, 5.0):
-            break
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            break
-    await _gone(pid, 5.0)
+    await stop_process(pid, None, timeout=5.0)  # gone already after a clean shutdown, else ended
     shutil.rmtree(folder.path, ignore_errors=True)
     return True
 
-
-async def _gone(pid: int, timeout: float) -> bool:
-    """QEMU (not our child: it daemonized) has exited."""
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

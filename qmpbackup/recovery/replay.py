@@ -107,11 +107,12 @@ class Sessions:
 StepTable = Callable[[QmpSession | None], Mapping[str, Undo]]
 
 
-async def replay(journal: Journal, sessions: Sessions, *, steps: StepTable | None = None,
+async def replay(journal: Journal, sessions: Sessions | None, *, steps: StepTable | None = None,
                  info: Callable[[str], None] = log.info, undone: Callable[[Entry], None] | None = None,
                  say: Callable[[str], None] | None = None, step_timeout: float = STEP_TIMEOUT_S) -> list[str]:
     """Undo every pending entry, newest first. Returns the failures, one line each.
 
+    ``sessions`` is None for a journal of host resources only (``qmpbackup mount``'s).
     ``info`` gets the line about dropped entries of a gone QEMU, ``undone`` each entry undone,
     ``say`` what a step found worth saying (a guest still frozen). Cancellation propagates.
     """
@@ -126,6 +127,9 @@ async def replay(journal: Journal, sessions: Sessions, *, steps: StepTable | Non
             continue
         session: QmpSession | None = None
         if kind.where != "host":
+            if sessions is None:
+                failures.append(f"{entry.describe()} needs a QEMU, and this journal has none")
+                continue
             target = await sessions.target(entry.qemu)
             if target.session is None and not target.gone:
                 kept[target.why] = kept.get(target.why, 0) + 1

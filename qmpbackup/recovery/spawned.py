@@ -10,10 +10,12 @@ recycled pid is never killed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +157,39 @@ def kill_and_wait(pid: int, timeout_s: float) -> bool:
         except psutil.NoSuchProcess:
             return True
         time.sleep(0.01)
+    return False
+
+
+async def stop_process(pid: int, create_time: float | None, timeout: float = 10.0) -> None:
+    """SIGTERM ``pid`` (with ``create_time``: only while it is still that process), SIGKILL after
+    ``timeout``, and return once it has ended (see :func:`_ended`)."""
+    if create_time is not None and not same_process(pid, create_time):
+        return
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+    except psutil.Error:
+        return
+    if await _ended(proc, timeout):
+        return
+    log.warning("process %d did not end within %g s of SIGTERM; killing it", pid, timeout)
+    try:
+        proc.kill()
+    except psutil.Error:
+        return
+    await _ended(proc, timeout)
+
+
+async def _ended(proc: psutil.Process, timeout: float) -> bool:
+    """Gone, or a zombie that only we could reap (its parent reaps any other zombie soon)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() == os.getpid():
+                return True
+        except psutil.Error:
+            return True
+        await asyncio.sleep(0.05)
     return False
 
 

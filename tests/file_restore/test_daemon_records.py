@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def test_cleanup_ends_a_leftover_helper(tmp_path: Path) -> None:
     assert main(["cleanup", "--state-dir", str(tmp_path / "state"), "--run-dir", str(tmp_path / "run")]) == 0
     assert daemon.wait(10) is not None and qemu.wait(10) is not None
     assert not folder.exists()
-    assert stop_all(tmp_path / "run") == []
+    assert asyncio.run(stop_all(tmp_path / "run")) == []
 
 
 def test_the_folder_follows_the_archive(tmp_path: Path) -> None:
