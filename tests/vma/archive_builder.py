@@ -122,3 +122,36 @@ def raw_archive(
 ) -> bytes:
     header = encode_header(TEST_UUID, TEST_CTIME, configs, [(encode_name(name), size) for name, size in devices])
     return header + b"".join(e.encode() for e in extents)
+
+
+def mutate(base: bytes, offsets: list[int], ops: list[tuple[str, int, object]], rehash: bool) -> bytes:
+    """``base`` with the fuzzers' mutations applied: ``flip`` a bit, ``set`` a byte, ``truncate``,
+    ``insert`` bytes, overwrite a 4-byte ``field`` or 8-byte ``size`` (big-endian), an extent's
+    ``slot`` or the block ``count`` of extent ``offsets[pos]``. ``rehash`` makes the header and
+    extent checksums right again, so that the checks behind them are reached."""
+    buf = bytearray(base)
+    for op, pos, value in ops:
+        if op == "flip" and pos < len(buf):
+            buf[pos] ^= 1 << int(value)  # type: ignore[call-overload]
+        elif op == "set" and pos < len(buf):
+            buf[pos] = int(value)  # type: ignore[call-overload]
+        elif op == "truncate":
+            del buf[pos:]
+        elif op == "insert":
+            buf[pos:pos] = value  # type: ignore[index]
+        elif op == "field" and pos + 4 <= len(buf):
+            buf[pos : pos + 4] = int(value).to_bytes(4, "big")  # type: ignore[call-overload]
+        elif op == "size" and pos + 8 <= len(buf):
+            buf[pos : pos + 8] = int(value).to_bytes(8, "big")  # type: ignore[call-overload]
+        elif op == "slot" and offsets[0] + 48 + 8 * pos <= len(buf):
+            at = offsets[0] + 40 + 8 * pos
+            buf[at : at + 8] = int(value).to_bytes(8, "big")  # type: ignore[call-overload]
+        elif op == "count" and offsets[pos] + 8 <= len(buf):
+            buf[offsets[pos] + 6 : offsets[pos] + 8] = int(value).to_bytes(2, "big")  # type: ignore[call-overload]
+    if rehash:
+        if len(buf) >= 60:
+            rehash_header(buf)
+        for offset in offsets:
+            if offset + 512 <= len(buf):
+                rehash_extent(buf, offset)
+    return bytes(buf)

@@ -13,13 +13,12 @@ from hypothesis import strategies as st
 
 from qmpbackup.vma import CLUSTER_SIZE, VmaError, VmaReader
 from qmpbackup.vma import format as fmt
+from tests.vma import archive_builder
 from tests.vma.archive_builder import (
     RawExtent,
     disk_image,
     extent_offsets,
     raw_archive,
-    rehash_extent,
-    rehash_header,
     write_archive,
 )
 
@@ -43,30 +42,7 @@ mutation = st.one_of(
 
 
 def mutate(ops: list[tuple[str, int, object]], rehash: bool) -> bytes:
-    buf = bytearray(BASE)
-    for op, pos, value in ops:
-        if op == "flip" and pos < len(buf):
-            buf[pos] ^= 1 << int(value)  # type: ignore[call-overload]
-        elif op == "set" and pos < len(buf):
-            buf[pos] = int(value)  # type: ignore[call-overload]
-        elif op == "truncate":
-            del buf[pos:]
-        elif op == "insert":
-            buf[pos:pos] = value  # type: ignore[index]
-        elif op == "field" and pos + 4 <= len(buf):
-            buf[pos : pos + 4] = int(value).to_bytes(4, "big")  # type: ignore[call-overload]
-        elif op == "slot" and OFFSETS[0] + 40 + 8 * pos + 8 <= len(buf):
-            at = OFFSETS[0] + 40 + 8 * pos
-            buf[at : at + 8] = int(value).to_bytes(8, "big")  # type: ignore[call-overload]
-        elif op == "count" and OFFSETS[0] + 8 <= len(buf):
-            buf[OFFSETS[0] + 6 : OFFSETS[0] + 8] = int(value).to_bytes(2, "big")  # type: ignore[call-overload]
-    if rehash:  # make checksums right again, so the checks behind them are reached
-        if len(buf) >= 60:
-            rehash_header(buf)
-        for offset in OFFSETS:
-            if offset + 512 <= len(buf):
-                rehash_extent(buf, offset)
-    return bytes(buf)
+    return archive_builder.mutate(BASE, OFFSETS, ops, rehash)
 
 
 def read_everything(data: bytes) -> None:

@@ -37,14 +37,13 @@ from hypothesis import strategies as st
 from qmpbackup.cli.main import main
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.header import encode_header
+from tests.vma import archive_builder
 from tests.vma.archive_builder import (
     TEST_CTIME,
     TEST_UUID,
     RawExtent,
     disk_image,
     extent_offsets,
-    rehash_extent,
-    rehash_header,
     write_archive,
 )
 
@@ -98,7 +97,7 @@ _BLOBS = (fmt.HEADER_FIXED_SIZE, OFFSETS[0])
 
 mutation = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, len(BASE) - 1), st.integers(0, 7)),
-    st.tuples(st.just("blob"), st.integers(*_BLOBS), st.sampled_from([0, 10, 13, 27, 47, 0xFF])),
+    st.tuples(st.just("set"), st.integers(*_BLOBS), st.sampled_from([0, 10, 13, 27, 47, 0xFF])),
     st.tuples(st.just("truncate"), st.integers(0, len(BASE) - 1), st.just(0)),
     st.tuples(st.just("insert"), st.integers(0, len(BASE)), st.binary(min_size=1, max_size=600)),
     st.tuples(st.just("field"), st.sampled_from(_HEADER_FIELDS), st.integers(0, 2**32 - 1)),
@@ -109,32 +108,7 @@ mutation = st.one_of(
 
 
 def mutate(ops: list[tuple[str, int, object]], rehash: bool) -> bytes:
-    buf = bytearray(BASE)
-    for op, pos, value in ops:
-        if op == "flip" and pos < len(buf):
-            buf[pos] ^= 1 << int(value)  # type: ignore[call-overload]
-        elif op == "blob" and pos < len(buf):
-            buf[pos] = int(value)  # type: ignore[call-overload]
-        elif op == "truncate":
-            del buf[pos:]
-        elif op == "insert":
-            buf[pos:pos] = value  # type: ignore[index]
-        elif op == "field" and pos + 4 <= len(buf):
-            buf[pos : pos + 4] = int(value).to_bytes(4, "big")  # type: ignore[call-overload]
-        elif op == "size" and pos + 8 <= len(buf):
-            buf[pos : pos + 8] = int(value).to_bytes(8, "big")  # type: ignore[call-overload]
-        elif op == "slot" and OFFSETS[0] + 48 + 8 * pos <= len(buf):
-            at = OFFSETS[0] + 40 + 8 * pos
-            buf[at : at + 8] = int(value).to_bytes(8, "big")  # type: ignore[call-overload]
-        elif op == "count" and OFFSETS[pos] + 8 <= len(buf):
-            buf[OFFSETS[pos] + 6 : OFFSETS[pos] + 8] = int(value).to_bytes(2, "big")  # type: ignore[call-overload]
-    if rehash:  # checksums right again, so that the checks behind them are reached
-        if len(buf) >= 60:
-            rehash_header(buf)
-        for offset in OFFSETS:
-            if offset + 512 <= len(buf):
-                rehash_extent(buf, offset)
-    return bytes(buf)
+    return archive_builder.mutate(BASE, OFFSETS, ops, rehash)
 
 
 @dataclass(frozen=True)
