@@ -37,7 +37,7 @@ from qmpbackup.qemu.vm_runner import start_vm
 from qmpbackup.qemu_img import failure_detail, run_qemu_img
 from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.guest import read_existing, start_guest
-from qmpbackup.restore.placement import ImagePlan
+from qmpbackup.restore.placement import TEMP_SUFFIX, ImagePlan, work_name
 from qmpbackup.restore.publish import publish, signals_held
 from qmpbackup.restore.restore import (
     RestoreOptions, _cleanup, _log_header, _make_dirs, _plan, _refuse_existing, _remove_leftovers,
@@ -190,7 +190,7 @@ async def live_restore(opts: RestoreOptions, run_dir: Path) -> GuestDefinition:
 
 def _publish_overlays(images: list[ImagePlan], text: str, def_path: Path, socket: Path, exports: dict[str, str],
                       opts: RestoreOptions) -> None:
-    work = [p.temp for p in images] + [def_path.with_name(def_path.name + ".tmp")]
+    work = [p.temp for p in images] + [work_name(def_path, TEMP_SUFFIX)]
     created: list[Path] = []
     try:
         created = _make_dirs(images, opts)
