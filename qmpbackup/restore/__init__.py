@@ -7,7 +7,8 @@ streams by, for ``verify --checksums``.
 
 from qmpbackup.restore.checksums import DeviceHasher
 from qmpbackup.restore.errors import DeviceMapError, RestoreError, RestoreRefusedError
-from qmpbackup.restore.restore import RestoreOptions, RestoreResult, restore
+from qmpbackup.restore.phases import RestoreOptions
+from qmpbackup.restore.restore import RestoreResult, restore
 
 __all__ = [
     "DeviceHasher",

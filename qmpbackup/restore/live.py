@@ -39,9 +39,9 @@ from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.guest import read_existing, start_guest
 from qmpbackup.restore.placement import TEMP_SUFFIX, ImagePlan, work_name
 from qmpbackup.restore.publish import publish, signals_held
-from qmpbackup.restore.restore import (
-    RestoreOptions, _cleanup, _log_header, _make_dirs, _plan, _refuse_existing, _remove_leftovers,
-    _write_definition_temp, restore_lock,
+from qmpbackup.restore.phases import (
+    RestoreOptions, log_header, make_dirs, plan_restore, refuse_existing, remove_leftovers, remove_work_files,
+    restore_lock, write_definition_temp,
 )
 from qmpbackup.vma.random_access import ArchiveDevices
 from qmpbackup.vma.reader import VmaReader
@@ -166,16 +166,16 @@ async def live_restore(opts: RestoreOptions, run_dir: Path) -> GuestDefinition:
             stream = open_decompressor(raw)
             try:  # the header only: the rest is read at random through the index
                 reader = VmaReader(stream)
-                _log_header(reader)
-                plan = _plan(reader, opts, existing, def_path)
+                log_header(reader)
+                plan = plan_restore(reader, opts, existing, def_path)
             finally:
                 stream.abort()
         not_qcow2 = [str(p.final) for p in plan.images if p.format != "qcow2"]
         if not_qcow2:
             raise UsageError(f"--live needs qcow2 images, and this storage makes raw ones ({not_qcow2[0]}): "
                              "restore to a dir/nfs/cifs/btrfs storage or --target-dir")
-        _refuse_existing(opts, existing, plan.images)
-        _remove_leftovers(plan.images, def_path)
+        refuse_existing(opts, existing, plan.images)
+        remove_leftovers(plan.images, def_path)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, mode=0o700)
         try:
@@ -193,15 +193,15 @@ def _publish_overlays(images: list[ImagePlan], text: str, def_path: Path, socket
     work = [p.temp for p in images] + [work_name(def_path, TEMP_SUFFIX)]
     created: list[Path] = []
     try:
-        created = _make_dirs(images, opts)
+        created = make_dirs(images, opts)
         for p in images:
             log.info("map '%s' to '%s' (qcow2 over the archive's %s)", p.virtdev, p.final, p.mapped.device.name)
             _create_overlay(p, socket, exports[p.mapped.device.name])
-        def_temp = _write_definition_temp(def_path, text)
+        def_temp = write_definition_temp(def_path, text)
         publish([*((p.temp, p.final) for p in images), (def_temp, def_path)], replace=opts.force)
     except BaseException:
         with signals_held():
-            _cleanup(work, created)
+            remove_work_files(work, created)
         raise
 
 
