@@ -3,13 +3,16 @@
 Replays each VM's journal (the nodes, filters, exports and jobs in its QEMU; the device
 back on its own node; fleecing images), then looks for leftovers by name (when the
 journal is gone), deletes ``vm-<vmid>-fleece-*`` files on file storages, and kills QEMUs
-we spawned whose run died. Without VMID: every VM that has a journal, then the host journals
+we spawned whose run died. A live restore whose copy did not finish is named with the command
+that finishes it (``restore --live --resume``): it is not undone. Without VMID: every VM that
+has a journal or a live restore state, then the host journals
 (:mod:`qmpbackup.mount.host_journal`): ``export --daemon`` processes, and killed ``mount`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ from qmpbackup.jobs.storage_cfg import load_storage_cfg
 from qmpbackup.mount.host_journal import HostCleanup, cleanup_host
 from qmpbackup.recovery.cleanup import CleanupReport, cleanup_vm, kill_spawned_orphans
 from qmpbackup.recovery.state import DEFAULT_STATE_DIR, journaled_vmids
+from qmpbackup.restore.errors import RestoreRefusedError
+from qmpbackup.restore.live_state import interrupted_live_restore, live_restore_vmids
+from qmpbackup.restore.phases import restore_lock
 
 
 class CleanupIncomplete(QmpBackupError):
@@ -38,7 +44,8 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--qmp", type=Path, metavar="SOCKET",
                    help="the VM's QMP socket (default: from its guest definition); needs VMID")
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, metavar="DIR",
-                   help=f"file-restore helpers left running there are ended too (default {DEFAULT_RUN_DIR})")
+                   help=f"file-restore helpers left running there are ended too, and interrupted live restores "
+                        f"named (default {DEFAULT_RUN_DIR})")
     add_output_format(p)
     p.set_defaults(run=run)
 
@@ -51,15 +58,35 @@ def _qmp_socket(ctx: Context, vmid: int, given: Path | None) -> Path | None:
     return load_guest(ctx.config_dir, vmid).reach.qmp
 
 
+def _interrupted_live_restore(ctx: Context, vmid: int, run_dir: Path) -> list[str]:
+    """A live restore whose copy did not finish is not a leftover to undo (its VM runs on the new
+    images, and only the copy makes them whole): cleanup names the command that finishes it."""
+    if interrupted_live_restore(vmid, run_dir) is None:
+        return []
+    try:
+        with restore_lock(ctx.config_dir, vmid):
+            pass
+    except RestoreRefusedError:
+        return []  # its restore runs: that process finishes the copy
+    where = f" --run-dir {shlex.quote(str(run_dir))}" if run_dir != DEFAULT_RUN_DIR else ""
+    return [f"its live restore is interrupted (its disks are not fully copied yet); finish it with: "
+            f"qmpbackup restore --live --resume {vmid}{where}"]
+
+
 async def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.qmp is not None and args.vmid is None:
         raise ConfigError("--qmp needs a VMID")
     state_dir: Path = args.state_dir
-    vmids = [check_vmid(args.vmid)] if args.vmid is not None else journaled_vmids(state_dir)
+    if args.vmid is not None:
+        vmids = [check_vmid(args.vmid)]
+    else:
+        vmids = sorted(set(journaled_vmids(state_dir)) | set(live_restore_vmids(args.run_dir)))
     storages = load_storage_cfg(ctx.config_dir)
     reports: list[CleanupReport] = []
     for vmid in vmids:
-        reports.append(await cleanup_vm(vmid, state_dir, _qmp_socket(ctx, vmid, args.qmp), storages))
+        report = await cleanup_vm(vmid, state_dir, _qmp_socket(ctx, vmid, args.qmp), storages)
+        report.failures += _interrupted_live_restore(ctx, vmid, args.run_dir)
+        reports.append(report)
     killed = kill_spawned_orphans(state_dir)
     if args.vmid is None:
         killed += [f"ended file-restore helper {name}" for name in await stop_all(args.run_dir)]

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int | Coroutine[Any, Any, int
         if not args.live or args.vmid is not None:
             raise UsageError("--resume goes with --live and one VMID: qmpbackup restore --live --resume VMID "
                              "(see 'qmpbackup restore --help')")
-        return _resume(check_vmid(args.archive), args.run_dir)
+        return _resume(check_vmid(args.archive), ctx.config_dir, args.run_dir)
     if args.vmid is None:
         raise UsageError("restore needs ARCHIVE and VMID (see 'qmpbackup restore --help')")
     opts = RestoreOptions(
@@ -99,8 +99,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int | Coroutine[Any, Any, int
     return 0
 
 
-async def _resume(vmid: int, run_dir: Path) -> int:
-    await resume_live_restore(vmid, run_dir)
+async def _resume(vmid: int, config_dir: Path, run_dir: Path) -> int:
+    await resume_live_restore(vmid, config_dir, run_dir)
     return 0
 
 

@@ -8,12 +8,13 @@ Order of work:
 3. create each image **empty**, its backing the device's export (a ``json:`` NBD backing with
    ``reconnect-delay``), publish images and definition;
 4. start the VM (the definition's ``start:`` command, else ``qmpbackup start``'s builder), and
-   run one ``block-stream`` job per disk: it copies every cluster the guest has not written
-   yet into the image; guest reads of what is not copied yet come from the archive;
+   copy every disk while it runs (:mod:`qmpbackup.restore.live_copy`: one mirror job per disk);
+   guest reads of what is not copied yet come from the archive;
 5. when every job completed, the images have no backing; the export ends.
 
-A stream job that fails (a damaged cluster reads as an I/O error) pauses the VM instead of
-letting it run on half a disk: nothing is deleted, and the error names the job.
+From the VM's start until the copy is done, ``<run-dir>/live-restore/<vmid>/state.json``
+(:mod:`qmpbackup.restore.live_state`) says what ``--resume`` needs; a copy that fails pauses the
+VM, deletes nothing and keeps that state.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from qmpbackup.compress import open_decompressor
-from qmpbackup.errors import QmpBackupError, UsageError
+from qmpbackup.errors import UsageError
 from qmpbackup.guest_config import GuestDefinition, check_vmid, guest_path
 from qmpbackup.nbd import Export, NbdServer
 from qmpbackup.qemu.session import QmpSession
@@ -37,6 +38,10 @@ from qmpbackup.qemu.vm_runner import start_vm
 from qmpbackup.qemu_img import failure_detail, run_qemu_img
 from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.guest import read_existing, start_guest
+from qmpbackup.restore.live_state import (
+    PAUSED_FILE, STATE_FILE, LiveState, Target, interrupted_live_restore, live_folder, write_state,
+)
+from qmpbackup.restore.live_copy import SOURCE_SUFFIX, CopyFailed, ReadFailures, copy_disks
 from qmpbackup.restore.placement import TEMP_SUFFIX, ImagePlan, work_name
 from qmpbackup.restore.publish import publish, signals_held
 from qmpbackup.restore.phases import (
@@ -49,8 +54,6 @@ from qmpbackup.vma.reader import VmaReader
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAY_S = 60
-PROGRESS_EVERY_S = 10.0
-JOB_PREFIX = "live-restore-"
 
 
 def _backing(socket: Path, export: str) -> str:
@@ -87,61 +90,11 @@ async def _devices_of(session: QmpSession, images: dict[str, ImagePlan]) -> dict
     return found
 
 
-async def _stream(session: QmpSession, devices: dict[str, ImagePlan], speed: int, started: float) -> None:
-    """One block-stream job per disk (a job still there from a killed run is resumed); progress lines;
-    the VM paused when a job fails."""
-    async with session.events(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"]) as events:
-        running = {j["device"]: j for j in await session.execute("query-block-jobs")}
-        backed = {dev.get("device") or (dev.get("inserted") or {}).get("node-name")
-                  for dev in await session.execute("query-block")
-                  if (dev.get("inserted") or {}).get("backing_file")}
-        pending = set()
-        for device in devices:
-            job = JOB_PREFIX + device
-            if job in running:
-                if running[job].get("status") == "paused" or running[job].get("paused"):
-                    await session.execute("block-job-resume", {"device": job})
-                pending.add(job)
-            elif device in backed:
-                args: dict[str, object] = {"job-id": job, "device": device, "on-error": "stop"}
-                if speed:
-                    args["speed"] = speed
-                await session.execute("block-stream", args)
-                pending.add(job)
-        total = sum(p.size for p in devices.values())
-        last = time.monotonic()
-        while pending:
-            try:
-                event = await events.wait_for(lambda e: e["data"].get("device") in pending, PROGRESS_EVERY_S)
-            except (TimeoutError, QmpBackupError):
-                event = None
-            if event is not None:
-                job = event["data"]["device"]
-                if event["event"] == "BLOCK_JOB_ERROR" or event["data"].get("error"):
-                    await _pause(session)
-                    reason = event["data"].get("error") or event["data"].get("operation", "I/O") + " error"
-                    raise RestoreError(f"live restore of {job.removeprefix(JOB_PREFIX)} failed: {reason}; "
-                                       "the VM is paused, nothing was deleted")
-                pending.discard(job)
-            if time.monotonic() - last >= PROGRESS_EVERY_S or not pending:
-                last = time.monotonic()
-                jobs = {j["device"]: j for j in await session.execute("query-block-jobs")}
-                done = sum(devices[d].size if JOB_PREFIX + d not in jobs else jobs[JOB_PREFIX + d]["offset"]
-                           for d in devices)
-                log.info("progress %d%% (copied %d of %d bytes, duration %d sec)", done * 100 // max(total, 1),
-                         done, total, time.monotonic() - started)
-
-
-async def _pause(session: QmpSession) -> None:
-    with contextlib.suppress(QmpBackupError):
-        await session.execute("stop")
-
-
 @contextlib.asynccontextmanager
-async def _served(archive: Path, socket: Path) -> AsyncIterator[dict[str, str]]:
+async def _served(archive: Path, socket: Path, failures: ReadFailures) -> AsyncIterator[dict[str, str]]:
     """The archive's devices as NBD exports; yields device name -> export name."""
     with ArchiveDevices.open(archive) as devices:
-        exports = [Export(d.name, d.size, source=d) for d in devices.devices]
+        exports = [Export(d.name, d.size, source=failures.watch(d)) for d in devices.devices]
         async with NbdServer(socket, exports, name="live-restore", keep_serving=True):
             yield {d.name: d.name for d in devices.devices}
 
@@ -157,7 +110,7 @@ async def live_restore(opts: RestoreOptions, run_dir: Path) -> GuestDefinition:
     opts = replace(opts, image_format="qcow2")
     archive = Path(opts.archive)
     def_path = guest_path(opts.config_dir, opts.vmid)
-    folder = run_dir / "live-restore" / str(opts.vmid)
+    folder = live_folder(run_dir, opts.vmid)
     socket = folder / "nbd.sock"
     with restore_lock(opts.config_dir, opts.vmid):
         existing = read_existing(opts.config_dir, opts.vmid)
@@ -176,14 +129,15 @@ async def live_restore(opts: RestoreOptions, run_dir: Path) -> GuestDefinition:
                              "restore to a dir/nfs/cifs/btrfs storage or --target-dir")
         refuse_existing(opts, existing, plan.images)
         remove_leftovers(plan.images, def_path)
+        for p in plan.images:  # an earlier live restore's overlay name
+            work_name(p.final, SOURCE_SUFFIX).unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, mode=0o700)
-        try:
-            async with _served(archive, socket) as exports:
+        failures = ReadFailures()
+        with _interrupted_kept(folder, opts.vmid):
+            async with _served(archive, socket, failures) as exports:
                 _publish_overlays(plan.images, plan.text, def_path, socket, exports, opts)
-                await _run_vm_and_stream(plan.definition, plan.images, opts, run_dir, folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+                await _run_vm_and_copy(plan.definition, plan.images, opts, run_dir, folder, failures)
     log.info("restored VM %d: %s", opts.vmid, def_path)
     return plan.definition
 
@@ -205,8 +159,8 @@ def _publish_overlays(images: list[ImagePlan], text: str, def_path: Path, socket
         raise
 
 
-async def _run_vm_and_stream(defn: GuestDefinition, images: list[ImagePlan], opts: RestoreOptions,
-                             run_dir: Path, folder: Path) -> None:
+async def _run_vm_and_copy(defn: GuestDefinition, images: list[ImagePlan], opts: RestoreOptions,
+                           run_dir: Path, folder: Path, failures: ReadFailures) -> None:
     started = time.monotonic()
     if defn.reach.start:
         await asyncio.to_thread(start_guest, defn)  # QEMU opens its backing from our loop meanwhile
@@ -217,51 +171,58 @@ async def _run_vm_and_stream(defn: GuestDefinition, images: list[ImagePlan], opt
         qmp = (await asyncio.to_thread(start_vm, defn, run_dir)).qmp
     log.info("VM %d started; copying its disks in the background", defn.vmid)
     async with QmpSession(defn.vmid, qmp) as session:
-        devices = await _devices_of(session, {p.virtdev: p for p in images})
+        found = await _devices_of(session, {p.virtdev: p for p in images})
+        drives = {d.key: d for d in defn.disks}
+        devices = {d: Target(p.final, p.size, p.mapped.device.name,
+                             p.virtdev in drives and drives[p.virtdev].option("discard") == "on")
+                   for d, p in found.items()}
         speed = opts.bwlimit_kib * 1024 // max(len(devices), 1)
-        _write_state(folder, Path(opts.archive).resolve(), qmp, devices, speed)
-        await _stream(session, devices, speed, started)
+        write_state(folder, LiveState(Path(opts.archive).resolve(), qmp, speed, devices))
+        await copy_disks(session, devices, speed, started, failures)
     log.info("the VM was up %d seconds before the copy finished", time.monotonic() - started)
 
 
-def _write_state(folder: Path, archive: Path, qmp: Path, devices: dict[str, ImagePlan], speed: int) -> None:
-    """What ``--resume`` needs after this process died: the archive, the VM's QMP socket, the jobs."""
-    state = {"archive": str(archive), "qmp": str(qmp), "speed": speed,
-             "devices": {d: {"image": str(p.final), "size": p.size} for d, p in devices.items()}}
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(state))
-    tmp.replace(folder / "state.json")
+@contextlib.contextmanager
+def _interrupted_kept(folder: Path, vmid: int) -> Iterator[None]:
+    """Removes the run folder when the restore finished, or failed before its VM ran; keeps the
+    state of one whose VM runs (paused after a failed copy) for ``--resume``."""
+    try:
+        yield
+    except BaseException as exc:
+        (folder / "nbd.sock").unlink(missing_ok=True)
+        if isinstance(exc, CopyFailed):
+            (folder / PAUSED_FILE).touch()
+        if not (folder / STATE_FILE).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            log.error("the live restore of VM %d is interrupted; once the archive reads again, finish it with: "
+                      "qmpbackup restore --live --resume %d", vmid, vmid)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-async def resume_live_restore(vmid: int, run_dir: Path) -> None:
-    """Serve the archive again for a live restore whose qmpbackup died, and see its copy to the end.
+async def resume_live_restore(vmid: int, config_dir: Path, run_dir: Path) -> None:
+    """Serve the archive again for a live restore whose qmpbackup died (or whose copy failed), and
+    see its copy to the end.
 
     QEMU's NBD client waits ``RECONNECT_DELAY_S`` for the export: resumed within that, the guest
     sees a delay, not an I/O error.
     """
     vmid = check_vmid(vmid)
-    folder = run_dir / "live-restore" / str(vmid)
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        archive, qmp, speed = Path(state["archive"]), Path(state["qmp"]), int(state["speed"])
-        images = {d: (Path(v["image"]), int(v["size"])) for d, v in state["devices"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"no live restore of VM {vmid} to resume in {folder}") from exc
-    (folder / "nbd.sock").unlink(missing_ok=True)
-    started = time.monotonic()
-    log.info("resuming the live restore of VM %d from %s", vmid, archive)
-    try:
-        async with _served(archive, folder / "nbd.sock"), QmpSession(vmid, qmp) as session:
-            devices = {d: _ResumedImage(path, size) for d, (path, size) in images.items()}
-            await _stream(session, devices, speed, started)  # type: ignore[arg-type]
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    folder = live_folder(run_dir, vmid)
+    with restore_lock(config_dir, vmid):
+        state = interrupted_live_restore(vmid, run_dir)
+        if state is None:
+            raise UsageError(f"no live restore of VM {vmid} to resume in {folder}")
+        (folder / "nbd.sock").unlink(missing_ok=True)
+        started = time.monotonic()
+        log.info("resuming the live restore of VM %d from %s", vmid, state.archive)
+        failures = ReadFailures()
+        with _interrupted_kept(folder, vmid):
+            async with (_served(state.archive, folder / "nbd.sock", failures),
+                        QmpSession(vmid, state.qmp) as session):
+                if (folder / PAUSED_FILE).exists():  # we paused it when its copy failed: it runs again
+                    await session.execute("cont")
+                    (folder / PAUSED_FILE).unlink()
+                await copy_disks(session, state.devices, state.speed, started, failures)
     log.info("live restore of VM %d finished", vmid)
-
-
-class _ResumedImage:
-    """The two facts of an ImagePlan that the copy needs, read back from the state file."""
-
-    def __init__(self, final: Path, size: int) -> None:
-        self.final = final
-        self.size = size

@@ -12,19 +12,30 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qmpbackup.cli.main import main
 from qmpbackup.guest_agent import GuestAgentClient
+from qmpbackup.qemu.session import QmpSession
+from qmpbackup.vma.index import ArchiveIndex
 from tests.support.guest import GuestImage, guest_image  # noqa: F401  (fixture)
+from tests.support.qemu import QemuBinaries, qemu  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest, pytest.mark.timeout(900)]
 
 PAYLOAD = os.urandom(48 << 20)
 
 
-def _archive(tmp_path: Path, image: GuestImage) -> Path:
+@pytest.fixture(autouse=True)
+def qemu_on_path(qemu: QemuBinaries, monkeypatch: pytest.MonkeyPatch) -> QemuBinaries:  # noqa: F811
+    """Every test runs once per QEMU version: the VM qmpbackup starts is the first on PATH."""
+    monkeypatch.setenv("PATH", f"{qemu.system.parent}:{os.environ['PATH']}")
+    return qemu
+
+
+def _archive(tmp_path: Path, image: GuestImage, compress: str = "zstd") -> Path:
     src = tmp_path / "src"
     (src / "keep").mkdir(parents=True)
     (src / "keep" / "payload.bin").write_bytes(PAYLOAD)
@@ -35,8 +46,8 @@ def _archive(tmp_path: Path, image: GuestImage) -> Path:
     conf.write_text(f"name: live\nmemory: 128\nmachine: q35\nagent: 1\nvirtio0: local:100/vm-100-disk-0.raw,size=96M\n"
                     f"args: -kernel {image.vmlinuz} -initrd {image.initrd} -append '{append}'\n"
                     "#qmdump#map:virtio0:drive-virtio0:local:raw:\n")
-    archive = tmp_path / "vzdump-qemu-100-2026_12_04-10_00_00.vma.zst"
-    assert main(["vma", "create", str(archive), "-c", str(conf), "--compress", "zstd",
+    archive = tmp_path / ("vzdump-qemu-100-2026_12_04-10_00_00.vma" + (".zst" if compress == "zstd" else ""))
+    assert main(["vma", "create", str(archive), "-c", str(conf), "--compress", compress,
                  "-d", f"format=raw:drive-virtio0={data}"]) == 0
     return archive
 
@@ -87,6 +98,8 @@ def test_live_restore_serves_the_guest_while_copying(tmp_path: Path, guest_image
         subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "stop", "100", "--run-dir", str(run_dir),
                         "--timeout", "60"], capture_output=True, timeout=120)
     _check_image(tmp_path, target / "vm-100-disk-0.qcow2", b"written live\n")
+    assert sorted(p.name for p in target.iterdir()) == ["vm-100-disk-0.qcow2"]  # no overlay or work file left
+    assert not (run_dir / "live-restore" / "100").exists()
 
 
 def _check_image(tmp_path: Path, image: Path, live_text: bytes | None) -> None:
@@ -147,3 +160,72 @@ def test_a_killed_live_restore_resumes_without_guest_io_errors(tmp_path: Path, g
         subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "stop", "100", "--run-dir", str(run_dir),
                         "--timeout", "60"], capture_output=True, timeout=120)
     _check_image(tmp_path, target / "vm-100-disk-0.qcow2", None)
+
+
+async def _qmp(sock: Path, command: str) -> Any:
+    async with QmpSession(100, sock) as session:
+        return await session.execute(command)
+
+
+def test_a_damaged_cluster_pauses_the_vm_and_is_named(tmp_path: Path, guest_image: GuestImage,  # noqa: F811
+                                                      isolated_config: Path) -> None:
+    """One flipped byte in a payload cluster of a plain .vma: the copy stops there, the VM is paused (not
+    killed), the error names the cluster as verify does, nothing is deleted; cleanup names the command that
+    finishes the restore and leaves the VM alone; --resume fails the same way until the archive is repaired,
+    then finishes the copy and the VM runs again."""
+    archive = _archive(tmp_path, guest_image, compress="none")
+    raw = (tmp_path / "data.raw").read_bytes()
+    at = raw.index(PAYLOAD[32 << 20:(32 << 20) + 4096])
+    cluster = at // 65536 + 1  # a cluster wholly inside the payload, half-way through the disk
+    with ArchiveIndex.open(archive) as index:
+        dev = index.devices[0]
+        record = index.record(dev, cluster)
+        assert record.mask == 0xFFFF
+    offset = record.data_offset
+    with open(archive, "r+b") as f:
+        f.seek(offset + 1000)
+        good = f.read(1)
+        f.seek(offset + 1000)
+        f.write(bytes([good[0] ^ 0xFF]))
+    named = f"data checksum mismatch in drive-virtio0 cluster {cluster} (byte offset {offset})"
+    target, run_dir = tmp_path / "images", tmp_path / "run"
+    target.mkdir()
+    cli = [sys.executable, "-m", "qmpbackup.cli.main"]
+    qmp = run_dir / "vms" / "100" / "qmp.sock"
+    try:
+        failed = subprocess.run([*cli, "restore", str(archive), "100", "--live", "--target-dir", str(target),
+                                 "--run-dir", str(run_dir), "--bwlimit", "16384"],
+                                capture_output=True, text=True, timeout=600)
+        assert failed.returncode != 0
+        assert named in failed.stderr and "the VM is paused" in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert asyncio.run(_qmp(qmp, "query-status"))["status"] == "paused"
+        image = target / "vm-100-disk-0.qcow2"
+        assert image.exists() and (target / ".vm-100-disk-0.qcow2.live-source").exists()
+        assert (isolated_config / "guests" / "100.conf").exists()
+        assert (run_dir / "live-restore" / "100" / "state.json").exists()
+
+        cleanup = subprocess.run([*cli, "cleanup", "100", "--run-dir", str(run_dir)], capture_output=True,
+                                 text=True, timeout=120)
+        assert cleanup.returncode == 1
+        assert f"qmpbackup restore --live --resume 100 --run-dir {run_dir}" in cleanup.stdout, cleanup.stdout
+        assert asyncio.run(_qmp(qmp, "query-status"))["status"] == "paused"
+        assert [j["device"] for j in asyncio.run(_qmp(qmp, "query-block-jobs"))] == ["live-restore-drive-virtio0"]
+
+        resume = [*cli, "restore", "--live", "--resume", "100", "--run-dir", str(run_dir)]
+        again = subprocess.run(resume, capture_output=True, text=True, timeout=600)
+        assert again.returncode != 0 and named in again.stderr, again.stderr
+        assert asyncio.run(_qmp(qmp, "query-status"))["status"] == "paused"
+
+        with open(archive, "r+b") as f:  # the archive repaired (e.g. copied again from elsewhere)
+            f.seek(offset + 1000)
+            f.write(good)
+        done = subprocess.run(resume, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert asyncio.run(_qmp(qmp, "query-status"))["status"] == "running"
+        assert not (run_dir / "live-restore" / "100").exists()
+    finally:
+        subprocess.run([*cli, "stop", "100", "--run-dir", str(run_dir), "--timeout", "60"], capture_output=True,
+                       timeout=120)
+    _check_image(tmp_path, target / "vm-100-disk-0.qcow2", None)
+    assert sorted(p.name for p in target.iterdir()) == ["vm-100-disk-0.qcow2"]
