@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,3 +27,57 @@ def isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("QMPBACKUP_CONFIG_DIR", str(config_dir))
     monkeypatch.setenv("TZ", "UTC")
     yield config_dir
+
+
+#: Modules whose tests share a booted guest or helper VM (module-scoped fixtures, one per QEMU
+#: version where the fixture is parametrized): under pytest-xdist their tests stay on one worker,
+#: one group per version, so each VM boots once.
+SHARED_VM_MODULES = (
+    "tests/integration/test_freeze_guard.py",
+    "tests/guest_agent/test_real_guest.py",
+    "tests/file_restore/test_file_restore.py",
+)
+_QEMU_ID = re.compile(r"qemu\d+\.\d+")
+
+
+def _rank(item: pytest.Item) -> int:
+    return 0 if item.get_closest_marker("guest") else 1 if item.get_closest_marker("qemu") else 2
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules that boot guests first, then those that start QEMU, then the rest (each module's
+    tests stay together and in order), so the longest tests do not start last on a worker;
+    and the groups of :data:`SHARED_VM_MODULES` for ``--dist loadgroup``."""
+    module_rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        module_rank[module] = min(module_rank.get(module, 2), _rank(item))
+        if module in SHARED_VM_MODULES:
+            version = _QEMU_ID.search(item.nodeid)
+            item.add_marker(pytest.mark.xdist_group(f"{module}-{version.group() if version else ''}"))
+    items.sort(key=lambda item: module_rank[item.nodeid.split("::")[0]])
+
+
+_SHORT_BASETEMP = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, the workers' temp folders in a short private folder of this run.
+
+    xdist puts each worker's folders one level deeper (``popen-gwN/``), which pushes the unix
+    sockets of QEMUs started in a test's state dir past the 107-byte limit; ``/tmp/qbt-XXXXXXXX``
+    is shorter than pytest's own ``/tmp/pytest-of-USER/pytest-N`` by more than that level.
+    """
+    if getattr(config.option, "numprocesses", None) and not config.option.basetemp \
+            and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="qbt-", dir="/tmp")
+        config.stash[_SHORT_BASETEMP] = config.option.basetemp
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The short folder goes when every test passed (a failed test's files stay to be looked at)."""
+    folder = session.config.stash.get(_SHORT_BASETEMP, None)
+    if folder and exitstatus == 0:
+        shutil.rmtree(folder, ignore_errors=True)

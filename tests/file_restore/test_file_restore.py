@@ -25,11 +25,21 @@ pytestmark = pytest.mark.qemu
 
 HOSTNAME = b"helper-host\n"
 BIG = os.urandom(3 << 20) + b"tail"
+VG = f"qbt{os.getpid()}"  # volume group names are host-wide: unique per test run
 
 
-def _findmnt() -> str:
-    return subprocess.run(["findmnt", "-rn", "-o", "TARGET,SOURCE"], capture_output=True, text=True,
-                          check=False).stdout
+def _host_mounts_of(workdir: Path) -> set[str]:
+    """The host's mounts that could be this module's: of or under ``workdir``, or of an NBD device.
+
+    (Other tests, and other test runs on a shared machine, mount and unmount their own at any time.)
+    """
+    out = subprocess.run(["findmnt", "-rn", "-o", "TARGET,SOURCE"], capture_output=True, text=True,
+                         check=False).stdout
+    loops = subprocess.run(["losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list"],
+                           capture_output=True, text=True, check=False).stdout
+    ours = {line.split()[0] for line in loops.splitlines() if str(workdir) in line}
+    return {line for line in out.splitlines()
+            if str(workdir) in line or "/dev/nbd" in line or any(dev in line.split() for dev in ours)}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +65,7 @@ def archive(workdir: Path) -> Path:
     from tests.file_restore.disks import make_fs
     make_fs(disk1, Part(33, "ext4", files={"hello.txt": b"whole disk\n"}))
     disk2 = workdir / "disk2.raw"
-    make_lvm_disk(disk2, "vg0", Part(32, "ext4", files={"lvm.txt": b"inside an LV\n"}))
+    make_lvm_disk(disk2, VG, Part(32, "ext4", files={"lvm.txt": b"inside an LV\n"}))
     conf = workdir / "qemu-server.conf"
     conf.write_text(f"name: fr\nscsi0: x:0,size={disk0.stat().st_size}\nvirtio1: x:1,size={disk1.stat().st_size}\n"
                     f"virtio2: x:2,size={disk2.stat().st_size}\n")
@@ -69,7 +79,7 @@ def archive(workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def fr(workdir: Path, archive: Path) -> Iterator[list[str]]:
     """The command prefix; the helper is stopped (and checked gone) after the module."""
-    before = _findmnt()
+    before = _host_mounts_of(workdir)
     # the helper image is cached beside the test guest's (tests/vm-images is git-ignored)
     state = Path(__file__).resolve().parents[1] / "vm-images" / "file-restore-state"
     state.mkdir(parents=True, exist_ok=True)
@@ -79,7 +89,7 @@ def fr(workdir: Path, archive: Path) -> Iterator[list[str]]:
     subprocess.run([*prefix, "--stop", str(archive)], check=True, timeout=60)
     assert not list((workdir / "run" / "file-restore").glob("*/pid"))
     assert subprocess.run(["pgrep", "-f", str(workdir / "run")], capture_output=True).returncode == 1
-    assert _findmnt() == before  # the host mounted nothing
+    assert _host_mounts_of(workdir) == before  # the host mounted nothing
 
 
 def run(prefix: list[str], archive: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -166,6 +176,6 @@ def test_logical_volumes_are_listed_and_read(fr: list[str], archive: Path) -> No
     assert top.returncode == 0, top.stderr
     assert {"name": "lv", "type": "dir", "size": 0} in json.loads(top.stdout)
     lvs = run(fr, archive, "list", "drive-virtio2/lv", "--output-format", "json")
-    assert [(v["name"], v["fstype"]) for v in json.loads(lvs.stdout)] == [("vg0-root", "ext4")], lvs.stderr
-    got = run(fr, archive, "extract", "drive-virtio2/lv/vg0-root/lvm.txt", "-")
+    assert [(v["name"], v["fstype"]) for v in json.loads(lvs.stdout)] == [(f"{VG}-root", "ext4")], lvs.stderr
+    got = run(fr, archive, "extract", f"drive-virtio2/lv/{VG}-root/lvm.txt", "-")
     assert got.returncode == 0 and got.stdout == b"inside an LV\n", got.stderr

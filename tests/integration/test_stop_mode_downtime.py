@@ -1,7 +1,7 @@
 """Stop mode keeps the VM down only for the clean shutdown plus an instant copy of its disks.
 
 The test guest's data disk lives on a loop-mounted xfs or btrfs (reflink clones); the
-backup reads the copy at ``--bwlimit`` so that it takes at least 20 s, while the VM is
+backup reads the copy at ``--bwlimit`` so that it takes several seconds, while the VM is
 already running again. Times are taken as the CLI's lines arrive.
 """
 
@@ -31,7 +31,7 @@ from tests.support.qemu import QemuBinaries
 pytestmark = [pytest.mark.guest, pytest.mark.qemu, pytest.mark.timeout(300)]
 
 DATA_MB = 48
-BWLIMIT_KIB = 2048  # 48 MiB at 2 MiB/s: the copy takes about 24 s
+BWLIMIT_KIB = 8192  # 48 MiB at 8 MiB/s: the copy takes about 6 s
 
 
 @pytest.fixture
@@ -90,6 +90,6 @@ def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBi
     shutdown = seen["qemu exited"] - seen["stopping"]
     downtime = restarted - seen["stopping"]
     assert downtime <= shutdown + 3.0, f"down {downtime:.1f} s, of which the shutdown {shutdown:.1f} s\n{text}"
-    assert seen["done"] - restarted >= 20.0, "the backup read the copy after the VM was running again"
+    assert seen["done"] - restarted >= 4.0, "the backup read the copy after the VM was running again"
     assert "reflink" in text
     assert not [p for p in fs.mountpoint.iterdir() if COPY_MARK in p.name], "the copy is dropped"
