@@ -6,16 +6,11 @@ machine cannot have (device-mapper thin pools, ZFS) and answer them.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 from fleecing.errors import CommandFailed
-
-log = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT_S = 120.0
+from qmpbackup.host_command import DEFAULT_TIMEOUT_S, HostCommandError, run_host_command
 
 
 class Runner(Protocol):
@@ -25,26 +20,8 @@ class Runner(Protocol):
 
 
 async def run_command(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT_S) -> str:
-    """The real runner: no shell, stdin closed, killed after ``timeout`` seconds."""
-    log.debug("running %s", " ".join(argv))
+    """The real runner: :func:`qmpbackup.host_command.run_host_command`, failing as fleecing's error."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-    except OSError as exc:
-        raise CommandFailed(argv, 127, f"{argv[0]}: {exc.strerror}") from exc
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise CommandFailed(argv, None, "") from None
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise CommandFailed(argv, proc.returncode, err.decode(errors="replace"))
-    return out.decode(errors="replace")
+        return await run_host_command(argv, timeout=timeout)
+    except HostCommandError as exc:
+        raise CommandFailed(exc.argv, exc.returncode, exc.stderr) from exc

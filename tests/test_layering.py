@@ -62,7 +62,8 @@ RULES: list[tuple[str, tuple[str, ...], dict[str, str]]] = [
 #: What ``fleecing/`` may import from ``qmpbackup`` (everything else is above it or beside it).
 #: (``qmpbackup.recovery``: its record keeping; its undo table, replay and cleanup are RECOVERY_UPPER, above.)
 FLEECING_USES = ("qmpbackup.qemu", "qmpbackup.nbd", "qmpbackup.recovery", "qmpbackup.errors",
-                 "qmpbackup.jobs.storage_cfg")  # storage.cfg: where fleecing images live
+                 "qmpbackup.jobs.storage_cfg",  # storage.cfg: where fleecing images live
+                 "qmpbackup.host_command")  # the one way to run a host tool (qemu-img, lvcreate, zfs)
 FLEECING_EXEMPT = {"bench.py": "the tuning tool (python -m fleecing.bench) drives the real block jobs"}
 
 

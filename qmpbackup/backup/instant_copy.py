@@ -21,13 +21,13 @@ import fcntl
 import logging
 import os
 import stat
-import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.host_command import HostCommandError, run_host_command_sync
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,9 @@ class CopyMethod(Protocol):
 def run_command(argv: Sequence[str]) -> str:
     """Run a storage tool; its failure becomes :class:`NoInstantCopy` with the tool's message."""
     try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=120, check=False)
-    except OSError as exc:
-        raise NoInstantCopy(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise NoInstantCopy(f"{' '.join(argv[:2])} failed: {reason}")
-    return done.stdout
+        return run_host_command_sync(argv)
+    except HostCommandError as exc:
+        raise NoInstantCopy(str(exc)) from exc
 
 
 def file_system_of(path: Path) -> tuple[str, str]:

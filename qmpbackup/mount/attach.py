@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Final
 
 from qmpbackup.errors import QmpBackupError, UsageError
+from qmpbackup.host_command import HostCommandError, run_host_command
 from qmpbackup.recovery.journal import Journal
 from qmpbackup.mount.host_journal import (
     KIND_FUSE_EXPORT,
     KIND_LOOP_DEVICE,
     KIND_MOUNT,
     is_mountpoint,
-    run_tool,
 )
 
 QSD: Final = "qemu-storage-daemon"
@@ -43,13 +43,13 @@ async def fuse_export(journal: Journal, socket_path: Path, export: str, rundir: 
     journal.record(KIND_FUSE_EXPORT, fuse=str(fuse), pidfile=str(pidfile))
     fuse.touch(mode=0o600)
     try:
-        await run_tool(
+        await run_host_command([
             qsd, "--blockdev",
             f"driver=nbd,node-name=archive,server.type=unix,server.path={_escape(socket_path)},"
             f"export={_escape(export)},read-only=on",
             "--export", f"type=fuse,id=fuse,node-name=archive,mountpoint={_escape(fuse)},writable=off",
-            "--daemonize", "--pidfile", str(pidfile))
-    except OSError as err:
+            "--daemonize", "--pidfile", str(pidfile)])
+    except HostCommandError as err:
         raise MountError(f"cannot present {export} as a file: {err}") from err
     return fuse
 
@@ -68,8 +68,9 @@ async def partition_table(fuse: Path) -> list[Partition]:
     host kernel and udev to settle; an offset and a size limit on the loop device need neither.
     """
     try:
-        out = await run_tool("partx", "--show", "--noheadings", "--output", "NR,START,SECTORS", str(fuse))
-    except OSError:
+        out = await run_host_command(["partx", "--show", "--noheadings", "--output", "NR,START,SECTORS",
+                                      str(fuse)])
+    except HostCommandError:
         return []  # no partition table
     found = []
     for line in out.splitlines():
@@ -99,24 +100,25 @@ async def loop_device(journal: Journal, fuse: Path, part: Partition | None) -> s
     journal.record(KIND_LOOP_DEVICE, backing=str(fuse))
     window = [] if part is None else ["--offset", str(part.offset), "--sizelimit", str(part.size)]
     try:
-        return (await run_tool("losetup", "--read-only", "--find", "--show", *window, str(fuse))).strip()
-    except OSError as err:
+        return (await run_host_command(["losetup", "--read-only", "--find", "--show", *window, str(fuse)])).strip()
+    except HostCommandError as err:
         raise MountError(f"cannot attach a loop device: {err}") from err
 
 
 async def mount_fs(journal: Journal, device: str, mountpoint: Path) -> str:
     """Mounts ``device`` read-only at ``mountpoint``; returns the file system type."""
     try:
-        fstype = (await run_tool("blkid", "--probe", "--match-tag", "TYPE", "--output", "value",
-                                 device)).strip()
-    except OSError:
+        fstype = (await run_host_command(["blkid", "--probe", "--match-tag", "TYPE", "--output", "value",
+                                          device])).strip()
+    except HostCommandError:
         fstype = ""
     if not fstype:
         raise MountError(f"no file system found on {device}")
     journal.record(KIND_MOUNT, mountpoint=str(mountpoint))
     try:
-        await run_tool("mount", "-t", fstype, "-o", RO_OPTIONS.get(fstype, "ro"), device, str(mountpoint))
-    except OSError as err:
+        await run_host_command(["mount", "-t", fstype, "-o", RO_OPTIONS.get(fstype, "ro"), device,
+                                str(mountpoint)])
+    except HostCommandError as err:
         raise MountError(f"cannot mount the {fstype} file system: {err}") from err
     return fstype
 

@@ -24,7 +24,6 @@ Kinds (each undo step checks first, so it is safe to run twice and after any cra
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import Final
 
 import psutil
 
+from qmpbackup.host_command import run_host_command
 from qmpbackup.recovery import kinds
 from qmpbackup.recovery.journal import Entry, Journal, JournalError, Undo
 from qmpbackup.recovery.replay import replay
@@ -88,25 +88,6 @@ def _unescape(text: str) -> str:
     return text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-async def run_tool(*args: str, timeout: float = 60.0) -> str:
-    """Run a host tool; returns its stdout, raises :class:`OSError` with its stderr on failure."""
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        message = err.decode(errors="replace").strip().splitlines()
-        raise OSError(f"{args[0]} failed: {message[-1] if message else f'exit {proc.returncode}'}")
-    return out.decode(errors="replace")
-
-
 def _pid_from_file(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -147,7 +128,7 @@ async def undo_mount_dir(entry: Entry) -> None:
 async def undo_fuse_export(entry: Entry) -> None:
     fuse = str(entry.data["fuse"])
     if is_mountpoint(Path(fuse)):
-        await run_tool("umount", fuse)
+        await run_host_command(["umount", fuse])
     for pid in _fuse_daemons(fuse):
         await stop_process(pid, None)
 
@@ -166,17 +147,17 @@ def _fuse_daemons(fuse: str) -> list[int]:
 
 async def undo_loop_device(entry: Entry) -> None:
     backing = str(entry.data["backing"])
-    out = await run_tool("losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list")
+    out = await run_host_command(["losetup", "--noheadings", "--output", "NAME,BACK-FILE", "--list"])
     for line in out.splitlines():
         name, _, back = line.strip().partition(" ")
         if back.strip().removesuffix(" (deleted)") == backing:
-            await run_tool("losetup", "--detach", name)
+            await run_host_command(["losetup", "--detach", name])
 
 
 async def undo_mount(entry: Entry) -> None:
     mountpoint = Path(str(entry.data["mountpoint"]))
     if is_mountpoint(mountpoint):
-        await run_tool("umount", str(mountpoint))
+        await run_host_command(["umount", str(mountpoint)])
 
 
 async def undo_mounted(entry: Entry) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qmpbackup.errors import UsageError
+from qmpbackup.host_command import HostCommandError, run_host_command
 from qmpbackup.recovery.journal import Journal
 from qmpbackup.mount.attach import (
     MountError,
@@ -31,7 +32,6 @@ from qmpbackup.mount.host_journal import (
     live_mount,
     mount_journal_path,
     mount_key,
-    run_tool,
     undo_all,
 )
 
@@ -58,10 +58,10 @@ async def start_export(journal: Journal, archive: Path, rundir: Path) -> tuple[P
     pidfile = rundir / "export.pid"
     journal.record(KIND_EXPORT_DAEMON, socket=str(socket_path), pidfile=str(pidfile), pid=None, create_time=None)
     try:
-        out = await run_tool(sys.executable, "-m", "qmpbackup.cli.main", "export", str(archive.absolute()),
-                             "--socket", str(socket_path), "--pidfile", str(pidfile), "--daemon",
-                             "--no-journal", timeout=120.0)
-    except OSError as err:
+        out = await run_host_command([sys.executable, "-m", "qmpbackup.cli.main", "export", str(archive.absolute()),
+                                      "--socket", str(socket_path), "--pidfile", str(pidfile), "--daemon",
+                                      "--no-journal"])
+    except HostCommandError as err:
         raise MountError(f"cannot export {archive}: {err}") from err
     exports = {}
     for line in out.splitlines():
@@ -122,8 +122,8 @@ async def umount(mountpoint: Path, state_dir: Path) -> None:
             raise UsageError(f"{mountpoint}: not mounted by qmpbackup mount")
         if is_mountpoint(mountpoint):
             try:
-                await run_tool("umount", str(mountpoint))
-            except OSError as err:
+                await run_host_command(["umount", str(mountpoint)])
+            except HostCommandError as err:
                 raise MountError(f"cannot unmount {mountpoint}: {err}") from err
         if failures := await undo_all(journal):
             raise MountError(f"umount of {mountpoint} incomplete (qmpbackup cleanup tries again): "
