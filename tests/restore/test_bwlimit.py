@@ -21,7 +21,9 @@ def test_10_mib_per_second(tmp_path: Path, isolated_config: Path) -> None:
     restore(RestoreOptions(str(archive), 200, isolated_config, target_dir=target, bwlimit_kib=10 * 1024))
     elapsed = time.monotonic() - started
     rate = archive.stat().st_size / elapsed / MiB
-    assert 9.0 <= rate <= 11.0, f"{rate:.2f} MiB/s"
+    # Never faster than the limit; the lower bound only catches a limit off by a factor (a loaded
+    # machine, e.g. the suite's other workers, slows the read on its own).
+    assert 6.0 <= rate <= 11.0, f"{rate:.2f} MiB/s"
 
 
 def _timed_restore(*args: str) -> tuple[float, str]:
