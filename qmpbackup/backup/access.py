@@ -1,7 +1,7 @@
 """How a run reaches the VM's disks: its own QMP socket, or a paused QEMU we spawn for them.
 
 Stop mode shuts a running VM down first (through the agent, else ACPI), takes an instant
-copy of its disks (:mod:`qmpbackup.backup.instant_copy`) and starts it again at once with
+copy of its disks (:mod:`qmpbackup.instant_copy`, journaled) and starts it again at once with
 its guest definition's ``start`` command, while the backup reads the copy. Where no instant
 copy is possible it starts the VM again after the backup, also when the backup failed: a
 VM must not stay down because its backup did.
@@ -21,14 +21,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmpbackup.backup.instant_copy import NoInstantCopy, instant_copies
+from qmpbackup.backup.kill_points import hold
 from qmpbackup.backup.request import BackupError, GuestRequest
 from qmpbackup.backup.tasklog import TaskLog
 from qmpbackup.errors import QmpBackupError, UsageError
 from qmpbackup.guest_config import GuestDefinition
+from qmpbackup.instant_copy import NoInstantCopy, instant_copies
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.shutdown import clean_shutdown
 from qmpbackup.qemu.spawn import SpawnedQemu
+from qmpbackup.recovery.journal import Journal
 
 
 @dataclass(slots=True)
@@ -41,12 +43,14 @@ class QemuAccess:
 
 
 @contextlib.asynccontextmanager
-async def reach_qemu(req: GuestRequest, tasklog: TaskLog,
-                    hook: Callable[[str], Awaitable[None]]) -> AsyncIterator[QemuAccess]:
+async def reach_qemu(req: GuestRequest, tasklog: TaskLog, hook: Callable[[str], Awaitable[None]],
+                     journal: Journal) -> AsyncIterator[QemuAccess]:
     """A QMP session to the VM, or to a paused QEMU we spawned for its disks.
 
     Stop mode shuts a running VM down first and starts it again afterwards, also
-    when the backup failed (a VM must not stay down because its backup did).
+    when the backup failed (a VM must not stay down because its backup did). Its
+    instant copies are recorded in ``journal`` and dropped (and resolved) on the way out,
+    after the spawned QEMU that reads them has ended.
     """
     qmp = _qmp_socket(req)
     running = vm_is_running(req)
@@ -76,11 +80,12 @@ async def reach_qemu(req: GuestRequest, tasklog: TaskLog,
         with contextlib.ExitStack() as copies:
             on_disks = definition
             if running:
-                on_disks = _instant_copy(definition, copies, tasklog)
+                on_disks = _instant_copy(definition, copies, tasklog, journal)
                 if on_disks is not definition:
                     restarted = await _start_again(definition, tasklog, stopped_at)
                     if not restarted:
                         raise BackupError(f"VM {req.vmid} could not be started again")
+                    await hold("copied")
             tasklog.info("starting kvm to execute backup task")
             async with SpawnedQemu(on_disks, state_dir=req.state_dir) as spawned:
                 async with QmpSession(str(req.vmid), spawned.qmp_path) as session:
@@ -92,13 +97,15 @@ async def reach_qemu(req: GuestRequest, tasklog: TaskLog,
             raise BackupError(f"VM {req.vmid} was backed up but could not be started again")
 
 
-def _instant_copy(definition: GuestDefinition, copies: contextlib.ExitStack, tasklog: TaskLog) -> GuestDefinition:
+def _instant_copy(definition: GuestDefinition, copies: contextlib.ExitStack, tasklog: TaskLog,
+                  journal: Journal) -> GuestDefinition:
     """The definition on instant copies of the disks to back up (dropped when ``copies`` closes), so
     the VM can run again at once; the definition itself, with one line why, where none is possible."""
     disks = [d for d in definition.disks if d.backup]
     try:
         taken = copies.enter_context(
-            instant_copies([Path(d.volume or "") for d in disks], f"{os.getpid()}-{uuid.uuid4().hex[:8]}"))
+            instant_copies([Path(d.volume or "") for d in disks], f"{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                           journal=journal))
     except NoInstantCopy as exc:
         tasklog.info(f"no instant copy of the disks ({exc}): the guest stays down until the backup is done")
         return definition

@@ -5,7 +5,9 @@ in the environment of a ``qmpbackup backup`` they start: at each listed point th
 writes ``qmpbackup-test: at <point>`` to stderr and sleeps that long. Without the
 variable (every real run) :func:`hold` returns at once. The points:
 
+- ``copied``: stop mode, the instant copies of the disks exist (journaled), the VM runs again
 - ``journal``: the journal is open (an earlier run's leftovers undone); nothing new exists yet
+  (in stop mode only the instant copies)
 - ``prepared``: fleecing's images, nodes and filters exist; the devices do not use them yet
 - ``attached``: our NBD endpoint listens, the partial archive exists, QEMU's target nodes are attached
 - ``recorded``: the freeze (or pause) is journaled and its guard runs; not yet issued

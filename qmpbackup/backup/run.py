@@ -65,7 +65,8 @@ from qmpbackup.nbd.export import ExportConsumer
 from qmpbackup.qemu.capabilities import probe
 from qmpbackup.qemu.discovery import Disk, discover_disks
 from qmpbackup.recovery.host_files import journaled_output, run_folder
-from qmpbackup.recovery.journal import Journal
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal
 from qmpbackup.recovery.replay import Sessions, replay
 from qmpbackup.recovery.state import journal_path
 from qmpbackup.render import render_archive_size, render_hms
@@ -265,21 +266,24 @@ class GuestRun:
         if not vm_is_running(req):  # as vzdump: a stopped VM is backed up (and its hooks run) in stop mode
             self.mode = "stop"
             self.guest = dataclasses.replace(self.guest, mode="stop")
-        access = self.access = await teardown.enter_async_context(reach_qemu(req, tasklog, self.hook))
+        # Open (and locked) before QEMU is reached: stop mode journals its instant copies there.
+        journal = Journal.open(journal_path(req.state_dir, req.vmid))
+        teardown.callback(journal.close)
+        leftovers = {e.id for e in journal.pending()}
+        access = self.access = await teardown.enter_async_context(reach_qemu(req, tasklog, self.hook, journal))
         session, running = access.session, access.running
         if running:
             self.status = (await session.execute("query-status"))["status"]
             tasklog.info("status = running")
 
-        journal = Journal.open(journal_path(req.state_dir, req.vmid))
-        teardown.callback(journal.close)
         sessions = Sessions(req.vmid, session)
-        if journal.pending():
+        if leftovers:
             tasklog.warn("cleaning up what an earlier run of this VM left behind")
-            for failure in await replay(journal, sessions, info=tasklog.info, say=tasklog.warn):
+            for failure in await replay(journal, sessions, info=tasklog.info, say=tasklog.warn,
+                                        only=lambda e: e.id in leftovers):
                 tasklog.warn(failure)
         journal.bind(sessions.current_qemu)
-        teardown.push_async_callback(_final_unwind, journal, sessions, tasklog)
+        teardown.push_async_callback(_final_unwind, journal, sessions, tasklog, leftovers)
         await hold("journal")
 
         caps = await probe(session)
@@ -500,11 +504,18 @@ def _select_disks(definition: GuestDefinition, disks: tuple[Disk, ...], tasklog:
     return chosen
 
 
-async def _final_unwind(journal: Journal, sessions: Sessions, tasklog: TaskLog) -> None:
-    """Undo whatever is still recorded; runs shielded so a second signal cannot cut it short."""
-    if not journal.pending():
+async def _final_unwind(journal: Journal, sessions: Sessions, tasklog: TaskLog, leftovers: set[int]) -> None:
+    """Undo whatever is still recorded; runs shielded so a second signal cannot cut it short.
+
+    This run's instant copies are not undone here: the QEMU reading them still runs, and
+    ``reach_qemu`` drops them once it has ended."""
+
+    def ours_now(entry: Entry) -> bool:
+        return entry.kind != kinds.INSTANT_COPY.name or entry.id in leftovers
+
+    if not [e for e in journal.pending() if ours_now(e)]:
         return
-    task = asyncio.ensure_future(replay(journal, sessions, info=tasklog.info, say=tasklog.warn))
+    task = asyncio.ensure_future(replay(journal, sessions, info=tasklog.info, say=tasklog.warn, only=ours_now))
     try:
         failures = await asyncio.shield(task)
     except asyncio.CancelledError:

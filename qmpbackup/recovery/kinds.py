@@ -11,7 +11,8 @@ entry belongs to is gone (:mod:`qmpbackup.recovery.replay`):
 - ``qemu``: it lives inside QEMU and went with it (nodes, jobs, bitmaps, exports, ...);
 - ``qemu-file``: a file or volume QEMU may hold open (delete it only once that QEMU is
   gone or has let go of it);
-- ``host``: ours alone (archive ``.dat`` files, run folders, a freeze reached through the agent).
+- ``host``: ours alone (archive ``.dat`` files, run folders, stop mode's instant copies of disks,
+  a freeze reached through the agent).
 
 The undo step of each kind is in :mod:`qmpbackup.recovery.steps`; docs/format.md section J
 lists the same kinds for readers of the file.
@@ -64,6 +65,8 @@ FLEECING_IMAGE = Kind("fleecing-image", {
     nullable=frozenset({"volume"}))
 OUTPUT_FILE = Kind("output-file", {"path": str}, "host")
 RUN_FOLDER = Kind("run-folder", {"path": str}, "host")
+# stop mode's point-in-time copy of a disk (a reflink clone, an LVM-thin or ZFS snapshot)
+INSTANT_COPY = Kind("instant-copy", {"method": str, "path": str}, "host")
 # qmpbackup export --daemon and qmpbackup mount (the host journal, not a VM's)
 EXPORT_DAEMON = Kind("export-daemon", {"socket": str, "pidfile": str, "pid": int, "create_time": float}, "host",
                      frozenset({"pid", "create_time"}))
@@ -76,7 +79,7 @@ MOUNTED = Kind("mounted", {"mountpoint": str, "archive": str, "drive": str, "dev
 #: The registry: a kind not listed here cannot be recorded.
 KINDS: dict[str, Kind] = {k.name: k for k in (
     BLOCKDEV, BLOCKJOB, BITMAP, PAUSE, FREEZE, DRIVE_FILTER, BLOCK_EXPORT, NBD_SERVER, FLEECING_IMAGE,
-    OUTPUT_FILE, RUN_FOLDER, EXPORT_DAEMON, MOUNT_DIR, FUSE_EXPORT, LOOP_DEVICE, MOUNT, MOUNTED)}
+    OUTPUT_FILE, RUN_FOLDER, INSTANT_COPY, EXPORT_DAEMON, MOUNT_DIR, FUSE_EXPORT, LOOP_DEVICE, MOUNT, MOUNTED)}
 
 
 def entry_problem(kind: str, data: Mapping[str, Any], *, exact: bool = False) -> str | None:

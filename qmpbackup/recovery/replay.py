@@ -109,8 +109,9 @@ StepTable = Callable[[QmpSession | None], Mapping[str, Undo]]
 
 async def replay(journal: Journal, sessions: Sessions | None, *, steps: StepTable | None = None,
                  info: Callable[[str], None] = log.info, undone: Callable[[Entry], None] | None = None,
-                 say: Callable[[str], None] | None = None, step_timeout: float = STEP_TIMEOUT_S) -> list[str]:
-    """Undo every pending entry, newest first. Returns the failures, one line each.
+                 say: Callable[[str], None] | None = None, step_timeout: float = STEP_TIMEOUT_S,
+                 only: Callable[[Entry], bool] | None = None) -> list[str]:
+    """Undo every pending entry (``only``: those it accepts), newest first. Returns the failures, one line each.
 
     ``sessions`` is None for a journal of host resources only (``qmpbackup mount``'s).
     ``info`` gets the line about dropped entries of a gone QEMU, ``undone`` each entry undone,
@@ -121,6 +122,8 @@ async def replay(journal: Journal, sessions: Sessions | None, *, steps: StepTabl
     dropped: dict[QemuInstance | None, int] = {}
     kept: dict[str, int] = {}
     for entry in reversed(journal.pending()):
+        if only is not None and not only(entry):
+            continue
         kind = KINDS.get(entry.kind)
         if entry.problem is not None or kind is None:
             failures.append(bad_entry(journal, entry))

@@ -3,11 +3,13 @@
 Each step first asks whether its resource still exists, so it is safe to run twice and
 after any crash. The steps themselves live beside the code that creates the resource
 (:mod:`qmpbackup.qemu.nodes`, :mod:`fleecing.graph`, :mod:`fleecing.images`,
-:mod:`qmpbackup.guest_agent.freeze`, :mod:`qmpbackup.recovery.host_files`); this module only says which undoes what.
+:mod:`qmpbackup.guest_agent.freeze`, :mod:`qmpbackup.recovery.host_files`,
+:mod:`qmpbackup.instant_copy`); this module only says which undoes what.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from fleecing.errors import FleecingError
 from fleecing.images import FleecingImage, free_image
 from fleecing.runner import Runner, run_command
 from qmpbackup.guest_agent.freeze import thaw_left_frozen
+from qmpbackup.instant_copy import drop_copy
 from qmpbackup.qemu.nodes import (
     cancel_job,
     delete_node,
@@ -57,8 +60,12 @@ def undo_steps(session: QmpSession | None, *, runner: Runner = run_command,
     async def run_folder(entry: Entry) -> None:
         remove_run_folder(Path(entry.data["path"]))
 
+    async def instant_copy(entry: Entry) -> None:  # lvremove/zfs destroy block: run them off the loop
+        await asyncio.to_thread(drop_copy, str(entry.data["method"]), Path(entry.data["path"]))
+
     steps: dict[str, Undo] = {kinds.FREEZE.name: freeze, kinds.FLEECING_IMAGE.name: image,
-                              kinds.OUTPUT_FILE.name: output_file, kinds.RUN_FOLDER.name: run_folder}
+                              kinds.OUTPUT_FILE.name: output_file, kinds.RUN_FOLDER.name: run_folder,
+                              kinds.INSTANT_COPY.name: instant_copy}
     if session is None:
         return steps
     s = session

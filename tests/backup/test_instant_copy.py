@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.backup.instant_copy import (
+from qmpbackup.instant_copy import (
     COPY_MARK,
     LvmThinSnapshot,
     NoInstantCopy,
+    Reflink,
     ZfsSnapshot,
+    drop_copy,
     instant_copies,
 )
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Journal
+from qmpbackup.recovery.replay import replay
 from tests.support.loopfs import LoopFs
 
 MiB = 1 << 20
@@ -91,34 +96,86 @@ class FakeRunner:
         return self.replies.get(argv[0], "")
 
 
-def test_lvm_thin_snapshot_commands_with_a_fake_lvm() -> None:
+def _journal_kinds(journal: Journal) -> list[tuple[str, str, str]]:
+    return [(e.kind, str(e.data["method"]), str(e.data["path"])) for e in journal.pending()]
+
+
+def test_lvm_thin_snapshot_commands_with_a_fake_lvm(tmp_path: Path) -> None:
+    snap = f"vm-100-disk-0-{COPY_MARK}-t3"
     run = FakeRunner({"lvs": "  pve vm-100-disk-0 thin\n"})
     method = LvmThinSnapshot(run)
-    copy = method.take(Path("/dev/pve/vm-100-disk-0"), "t3")
-    assert copy == Path(f"/dev/pve/vm-100-disk-0-{COPY_MARK}-t3")
-    method.drop(copy)
-    assert run.commands[1] == ["lvcreate", "-s", "-n", f"vm-100-disk-0-{COPY_MARK}-t3", "-ay", "-K", "-p", "r",
-                               "pve/vm-100-disk-0"]
-    assert run.commands[2] == ["lvremove", "-f", f"pve/vm-100-disk-0-{COPY_MARK}-t3"]
+    source = Path("/dev/pve/vm-100-disk-0")
+    with Journal.open(tmp_path / "100.jsonl") as journal:
+        with instant_copies([source], "t3", choose=lambda _: method, journal=journal) as [copy]:
+            assert copy.path == Path(f"/dev/pve/{snap}")
+            # journaled before lvcreate ran (the fake saw only the lvs query by then)
+            assert _journal_kinds(journal) == [("instant-copy", "lvm-thin snapshot", str(copy.path))]
+            run.replies["lvs"] = f"  vm-100-disk-0\n  {snap}\n"
+        assert not journal.pending()
+    assert run.commands == [
+        ["lvs", "--noheadings", "-o", "vg_name,lv_name,segtype", str(source)],
+        ["lvcreate", "-s", "-n", snap, "-ay", "-K", "-p", "r", "pve/vm-100-disk-0"],
+        ["lvs", "--noheadings", "-o", "lv_name", "pve"],
+        ["lvremove", "-f", f"pve/{snap}"],
+    ]
+    gone = FakeRunner({"lvs": "  vm-100-disk-0\n"})
+    LvmThinSnapshot(gone).drop(copy.path)  # dropping twice is harmless: nothing to remove
+    assert [c[0] for c in gone.commands] == ["lvs"]
     with pytest.raises(NoInstantCopy, match="not thin"):
-        LvmThinSnapshot(FakeRunner({"lvs": "pve root linear"})).take(Path("/dev/pve/root"), "t4")
+        LvmThinSnapshot(FakeRunner({"lvs": "pve root linear"})).copy_path(Path("/dev/pve/root"), "t4")
 
 
 def test_zfs_snapshot_commands_with_a_fake_zfs() -> None:
-    run = FakeRunner()
+    base = "rpool/data/vm-100-disk-0"
+    snap, clone = f"{base}@{COPY_MARK}-t5", f"{base}-{COPY_MARK}-t5"
+    run = FakeRunner({"zfs": f"{base}\n{snap}\n{clone}\n"})
     method = ZfsSnapshot(run)
-    copy = method.take(Path("/dev/zvol/rpool/data/vm-100-disk-0"), "t5")
-    assert copy == Path(f"/dev/zvol/rpool/data/vm-100-disk-0-{COPY_MARK}-t5")
+    copy = method.copy_path(Path(f"/dev/zvol/{base}"), "t5")
+    assert copy == Path(f"/dev/zvol/{clone}")
+    method.take(Path(f"/dev/zvol/{base}"), copy)
     method.drop(copy)
-    snap = f"rpool/data/vm-100-disk-0@{COPY_MARK}-t5"
     assert run.commands == [
         ["zfs", "snapshot", snap],
-        ["zfs", "clone", "-o", "readonly=on", snap, f"rpool/data/vm-100-disk-0-{COPY_MARK}-t5"],
+        ["zfs", "clone", "-o", "readonly=on", snap, clone],
         ["udevadm", "settle"],
-        ["zfs", "destroy", f"rpool/data/vm-100-disk-0-{COPY_MARK}-t5"],
+        ["zfs", "list", "-H", "-o", "name", "-t", "volume,snapshot", "-r", "rpool/data"],
+        ["zfs", "destroy", clone],
         ["zfs", "destroy", snap],
     ]
     failing = FakeRunner(fail="clone")
     with pytest.raises(NoInstantCopy):
-        ZfsSnapshot(failing).take(Path("/dev/zvol/rpool/vm-1"), "t6")
+        ZfsSnapshot(failing).take(Path("/dev/zvol/rpool/vm-1"), ZfsSnapshot.ZVOL_DIR / f"rpool/vm-1-{COPY_MARK}-t6")
     assert failing.commands[-1] == ["zfs", "destroy", f"rpool/vm-1@{COPY_MARK}-t6"]  # the snapshot is not left
+    half = FakeRunner({"zfs": f"{base}\n{snap}\n"})  # killed between snapshot and clone
+    ZfsSnapshot(half).drop(copy)
+    assert half.commands[-1] == ["zfs", "destroy", snap]
+
+
+async def test_a_copy_left_by_a_killed_run_is_dropped_by_its_journal(
+        loopfs: Callable[[str, int], LoopFs], tmp_path: Path) -> None:
+    """A run killed while its copy exists leaves the entry (recorded before the copy was made, as
+    :func:`instant_copies` does); the replay of the next run or of cleanup drops the copy."""
+    fs = loopfs("xfs", 300 * MiB)
+    disk = _disk(fs.mountpoint / "vm-100-disk-0.raw", 8 * MiB)
+    path = tmp_path / "journal" / "100.jsonl"
+    with Journal.open(path) as journal:
+        method = Reflink()
+        copy = method.copy_path(disk, "t7")
+        journal.record(kinds.INSTANT_COPY, method=method.name, path=str(copy))
+        method.take(disk, copy)  # ... and the run is killed here
+    assert copy.exists()
+    with Journal.open(path) as again:
+        assert _journal_kinds(again) == [("instant-copy", "reflink", str(copy))]
+        assert await replay(again, None) == []
+        assert not again.pending()
+    assert not copy.exists() and disk.exists()
+    assert not path.exists()
+
+
+def test_drop_copy_leaves_alone_what_is_not_a_copy(tmp_path: Path) -> None:
+    mine = tmp_path / "vm-100-disk-0.raw"
+    mine.write_bytes(b"x")
+    drop_copy("reflink", mine)
+    assert mine.exists()
+    with pytest.raises(NoInstantCopy, match="unknown instant copy method"):
+        drop_copy("tape", tmp_path / f"x-{COPY_MARK}-1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.backup.instant_copy import COPY_MARK
-from tests.support.backup import BackupRun
+from qmpbackup.instant_copy import COPY_MARK
+from tests.support.backup import BackupRun, HeldRun
 from tests.support.guest import (  # noqa: F401  (fixtures)
     GuestFactory,
     GuestImage,
@@ -93,3 +94,50 @@ def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBi
     assert seen["done"] - restarted >= 4.0, "the backup read the copy after the VM was running again"
     assert "reflink" in text
     assert not [p for p in fs.mountpoint.iterdir() if COPY_MARK in p.name], "the copy is dropped"
+
+
+def test_a_copy_left_by_a_killed_stop_mode_run_is_removed(qemu: QemuBinaries, guests: GuestFactory,
+                                                         loopfs: Callable[[str, int], LoopFs],  # noqa: F811
+                                                         tmp_path: Path, isolated_config: Path) -> None:
+    """SIGKILL of a stop-mode run while its instant copy exists (the VM already runs again):
+    the copy is journaled, so ``qmpbackup cleanup`` (QEMU 7.2) or the next backup (10.0) removes it."""
+    fs = loopfs("xfs", 300 << 20)
+    data = fs.mountpoint / "vm-100-disk-1.raw"
+    _make_ext4(data, 16, ())
+    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw",
+                                      data_disk=data))
+    guest.wait_writer(above=2)
+    start = tmp_path / "start.sh"
+    start.write_text("#!/bin/sh\nsetsid " + shlex.join(guest.argv) + " </dev/null >/dev/null 2>&1 &\n")
+    start.chmod(0o755)
+    (isolated_config / "guests").mkdir()
+    (isolated_config / "guests" / "100.conf").write_text(
+        f"name: stopme\nagent: 1\nvirtio0: {data},format=raw\n\n[qmpbackup]\n"
+        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    run = BackupRun(tmp_path)
+    journal = tmp_path / "state" / "journal" / "100.jsonl"
+
+    def copies() -> list[str]:
+        return sorted(p.name for p in fs.mountpoint.iterdir() if COPY_MARK in p.name)
+
+    try:
+        held = HeldRun(run, "copied=300", "100", "--mode", "stop", "--stopwait", "1")
+        held.wait_point("copied", timeout=180)
+        assert len(copies()) == 1
+        held.kill()
+        assert len(copies()) == 1 and "instant-copy" in journal.read_text()
+        time.sleep(1.1)  # archives are named by the second
+        if qemu.version == "7.2":
+            done = subprocess.run([sys.executable, "-m", "qmpbackup.cli.main", "cleanup", "100",
+                                   "--state-dir", str(tmp_path / "state")],
+                                  capture_output=True, text=True, timeout=180, check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "undid instant-copy" in done.stdout
+        else:
+            done = run.run("100", "--mode", "snapshot", timeout=240)
+            assert done.returncode == 0, done.stderr
+            assert "cleaning up what an earlier run of this VM left behind" in done.stderr
+        assert copies() == []
+        assert not journal.exists()
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(guest.qmp_path)], check=False)

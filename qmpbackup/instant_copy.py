@@ -9,8 +9,10 @@ backup reads the copies, which are dropped afterwards. Where no such copy can be
 made, :class:`NoInstantCopy` says why in one line and the caller keeps the VM down
 for the whole backup, as before.
 
-Copies are named after their disk with :data:`COPY_MARK` in the name, so a run
-killed before dropping them leaves files that say what they are.
+Copies are named after their disk with :data:`COPY_MARK` in the name, and each is
+journaled (kind ``instant-copy``) before it is made: a run killed before dropping its
+copies leaves entries that the next run or ``qmpbackup cleanup`` undoes with
+:func:`drop_copy`, which drops only what carries the mark.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Protocol
 
 from qmpbackup.errors import QmpBackupError
 from qmpbackup.host_command import HostCommandError, run_host_command_sync
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,15 @@ class DiskCopy:
 
 
 class CopyMethod(Protocol):
+    """``copy_path`` names the copy (it may ask the storage, it creates nothing), so that the
+    copy is journaled before ``take`` makes it; ``drop`` removes what exists of it, and
+    nothing when it is gone (it also undoes a ``take`` cut short)."""
+
     name: str
 
-    def take(self, source: Path, tag: str) -> Path: ...
+    def copy_path(self, source: Path, tag: str) -> Path: ...
+
+    def take(self, source: Path, copy: Path) -> None: ...
 
     def drop(self, copy: Path) -> None: ...
 
@@ -87,8 +97,10 @@ class Reflink:
 
     name = "reflink"
 
-    def take(self, source: Path, tag: str) -> Path:
-        copy = source.with_name(f".{source.name}.{COPY_MARK}-{tag}")
+    def copy_path(self, source: Path, tag: str) -> Path:
+        return source.with_name(f".{source.name}.{COPY_MARK}-{tag}")
+
+    def take(self, source: Path, copy: Path) -> None:
         try:
             src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -113,7 +125,6 @@ class Reflink:
                     os.close(dst)
         finally:
             os.close(src)
-        return copy
 
     def drop(self, copy: Path) -> None:
         copy.unlink(missing_ok=True)
@@ -127,16 +138,20 @@ class LvmThinSnapshot:
     def __init__(self, run: Runner = run_command) -> None:
         self.run = run
 
-    def take(self, source: Path, tag: str) -> Path:
+    def copy_path(self, source: Path, tag: str) -> Path:
         vg, lv, segtype = self.run(["lvs", "--noheadings", "-o", "vg_name,lv_name,segtype", str(source)]).split()
         if segtype != "thin":
             raise NoInstantCopy(f"{source} is an LVM volume of type {segtype}, not thin: no instant snapshot")
-        snap = f"{lv}-{COPY_MARK}-{tag}"
-        self.run(["lvcreate", "-s", "-n", snap, "-ay", "-K", "-p", "r", f"{vg}/{lv}"])
-        return Path("/dev", vg, snap)
+        return Path("/dev", vg, f"{lv}-{COPY_MARK}-{tag}")
+
+    def take(self, source: Path, copy: Path) -> None:
+        origin = copy.name.rpartition(f"-{COPY_MARK}-")[0]
+        self.run(["lvcreate", "-s", "-n", copy.name, "-ay", "-K", "-p", "r", f"{copy.parent.name}/{origin}"])
 
     def drop(self, copy: Path) -> None:
-        self.run(["lvremove", "-f", f"{copy.parent.name}/{copy.name}"])
+        vg = copy.parent.name
+        if copy.name in self.run(["lvs", "--noheadings", "-o", "lv_name", vg]).split():
+            self.run(["lvremove", "-f", f"{vg}/{copy.name}"])
 
 
 class ZfsSnapshot:
@@ -148,10 +163,19 @@ class ZfsSnapshot:
     def __init__(self, run: Runner = run_command) -> None:
         self.run = run
 
-    def take(self, source: Path, tag: str) -> Path:
+    def copy_path(self, source: Path, tag: str) -> Path:
         dataset = str(source.relative_to(self.ZVOL_DIR))
-        snapshot = f"{dataset}@{COPY_MARK}-{tag}"
-        clone = f"{dataset}-{COPY_MARK}-{tag}"
+        return self.ZVOL_DIR / f"{dataset}-{COPY_MARK}-{tag}"
+
+    @classmethod
+    def _names(cls, copy: Path) -> tuple[str, str, str]:
+        """``(dataset, snapshot, clone)`` of a copy."""
+        clone = str(copy.relative_to(cls.ZVOL_DIR))
+        dataset, _, tag = clone.rpartition(f"-{COPY_MARK}-")
+        return dataset, f"{dataset}@{COPY_MARK}-{tag}", clone
+
+    def take(self, source: Path, copy: Path) -> None:
+        _dataset, snapshot, clone = self._names(copy)
         self.run(["zfs", "snapshot", snapshot])
         try:
             self.run(["zfs", "clone", "-o", "readonly=on", snapshot, clone])
@@ -160,13 +184,14 @@ class ZfsSnapshot:
             with contextlib.suppress(NoInstantCopy):
                 self.run(["zfs", "destroy", snapshot])
             raise
-        return self.ZVOL_DIR / clone
 
     def drop(self, copy: Path) -> None:
-        clone = str(copy.relative_to(self.ZVOL_DIR))
-        dataset, _, tag = clone.rpartition(f"-{COPY_MARK}-")
-        self.run(["zfs", "destroy", clone])
-        self.run(["zfs", "destroy", f"{dataset}@{COPY_MARK}-{tag}"])
+        dataset, snapshot, clone = self._names(copy)
+        parent = dataset.rpartition("/")[0] or dataset
+        there = set(self.run(["zfs", "list", "-H", "-o", "name", "-t", "volume,snapshot", "-r", parent]).split())
+        for name in (clone, snapshot):  # the clone first: it depends on the snapshot
+            if name in there:
+                self.run(["zfs", "destroy", name])
 
 
 def method_for(source: Path, run: Runner = run_command) -> CopyMethod:
@@ -184,26 +209,50 @@ def method_for(source: Path, run: Runner = run_command) -> CopyMethod:
     raise NoInstantCopy(f"{source} is neither a file nor a block device")
 
 
+def _method_named(name: str, run: Runner) -> CopyMethod:
+    methods: dict[str, CopyMethod] = {m.name: m for m in (Reflink(), LvmThinSnapshot(run), ZfsSnapshot(run))}
+    try:
+        return methods[name]
+    except KeyError:
+        raise NoInstantCopy(f"unknown instant copy method {name!r}") from None
+
+
+def drop_copy(method: str, copy: Path, run: Runner = run_command) -> None:
+    """Drop a journaled copy (the undo step of ``instant-copy``); a path without
+    :data:`COPY_MARK` in its name is never ours and is left alone."""
+    if COPY_MARK in copy.name:
+        _method_named(method, run).drop(copy)
+
+
 @contextlib.contextmanager
 def instant_copies(
-    sources: Sequence[Path], tag: str, choose: Callable[[Path], CopyMethod] = method_for
+    sources: Sequence[Path], tag: str, choose: Callable[[Path], CopyMethod] = method_for,
+    journal: Journal | None = None,
 ) -> Iterator[list[DiskCopy]]:
     """A copy of every disk, or :class:`NoInstantCopy` (and none left) if one cannot be made.
 
-    The copies are dropped when the block ends, whatever happened in it.
+    Each copy is recorded in ``journal`` before it is made and resolved once it is dropped.
+    The copies are dropped when the block ends, whatever happened in it; one that cannot be
+    dropped keeps its entry, for ``qmpbackup cleanup`` or the next run.
     """
-    taken: list[tuple[CopyMethod, DiskCopy]] = []
+    taken: list[tuple[CopyMethod, DiskCopy, Entry | None]] = []
     try:
         for source in sources:
             method = choose(source)
-            taken.append((method, DiskCopy(source, method.take(source, tag), method.name)))
-        yield [copy for _method, copy in taken]
+            path = method.copy_path(source, tag)
+            entry = journal.record(kinds.INSTANT_COPY, method=method.name, path=str(path)) if journal else None
+            taken.append((method, DiskCopy(source, path, method.name), entry))
+            method.take(source, path)
+        yield [copy for _method, copy, _entry in taken]
     finally:
-        for method, copy in reversed(taken):
+        for method, copy, entry in reversed(taken):
             try:
                 method.drop(copy.path)
             except (OSError, QmpBackupError) as exc:
                 log.warning("cannot drop the copy %s of %s: %s", copy.path, copy.source, exc)
+                continue
+            if journal is not None and entry is not None:
+                journal.resolve(entry)
 
 
 __all__ = [
@@ -214,6 +263,7 @@ __all__ = [
     "NoInstantCopy",
     "Reflink",
     "ZfsSnapshot",
+    "drop_copy",
     "file_system_of",
     "instant_copies",
     "method_for",
