@@ -35,7 +35,6 @@ from qmpbackup.guest_config import GuestDefinition, check_vmid, guest_path
 from qmpbackup.nbd import Export, NbdServer
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.vm_runner import start_vm
-from qmpbackup.qemu_img import failure_detail, run_qemu_img
 from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.guest import read_existing, start_guest
 from qmpbackup.restore.live_state import (
@@ -43,6 +42,7 @@ from qmpbackup.restore.live_state import (
 )
 from qmpbackup.restore.live_copy import SOURCE_SUFFIX, CopyFailed, ReadFailures, copy_disks
 from qmpbackup.restore.placement import TEMP_SUFFIX, ImagePlan, work_name
+from qmpbackup.restore.qcow2 import create_qcow2
 from qmpbackup.restore.publish import publish, signals_held
 from qmpbackup.restore.phases import (
     RestoreOptions, log_header, make_dirs, plan_restore, refuse_existing, remove_leftovers, remove_work_files,
@@ -60,14 +60,6 @@ def _backing(socket: Path, export: str) -> str:
     spec = {"driver": "raw", "file": {"driver": "nbd", "export": export, "reconnect-delay": RECONNECT_DELAY_S,
                                       "server": {"type": "unix", "path": str(socket)}}}
     return "json:" + json.dumps(spec, separators=(",", ":"))
-
-
-def _create_overlay(plan: ImagePlan, socket: Path, export: str) -> None:
-    proc = run_qemu_img(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", _backing(socket, export),
-                         str(plan.temp), str(plan.size)], timeout=60, what=f"creating {plan.temp}",
-                        error=RestoreError)
-    if proc.returncode != 0:
-        raise RestoreError(f"creating {plan.temp}: {failure_detail(proc)}")
 
 
 async def _devices_of(session: QmpSession, images: dict[str, ImagePlan]) -> dict[str, ImagePlan]:
@@ -150,7 +142,7 @@ def _publish_overlays(images: list[ImagePlan], text: str, def_path: Path, socket
         created = make_dirs(images, opts)
         for p in images:
             log.info("map '%s' to '%s' (qcow2 over the archive's %s)", p.virtdev, p.final, p.mapped.device.name)
-            _create_overlay(p, socket, exports[p.mapped.device.name])
+            create_qcow2(p.temp, p.size, backing=_backing(socket, exports[p.mapped.device.name]))
         def_temp = write_definition_temp(def_path, text)
         publish([*((p.temp, p.final) for p in images), (def_temp, def_path)], replace=opts.force)
     except BaseException:

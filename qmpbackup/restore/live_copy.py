@@ -31,8 +31,8 @@ from typing import Any, Protocol
 from qmpbackup.atomic_file import fsync_directory
 from qmpbackup.errors import QmpBackupError
 from qmpbackup.qemu.session import QmpSession
-from qmpbackup.qemu_img import failure_detail, run_qemu_img
 from qmpbackup.restore.errors import RestoreError
+from qmpbackup.restore.qcow2 import create_qcow2
 from qmpbackup.restore.placement import TEMP_SUFFIX, work_name
 from qmpbackup.vma.index import DataChecksumError
 from qmpbackup.vma.random_access import DeviceReader
@@ -215,10 +215,7 @@ def _fresh_image_under_final_name(image: CopyTarget) -> None:
     if not os.path.lexists(source):
         os.link(final, source)
     temp.unlink(missing_ok=True)
-    proc = run_qemu_img(["create", "-q", "-f", "qcow2", str(temp), str(image.size)], timeout=60,
-                        what=f"creating {temp}", error=RestoreError)
-    if proc.returncode != 0:
-        raise RestoreError(f"creating {temp}: {failure_detail(proc)}")
+    create_qcow2(temp, image.size)
     os.replace(temp, final)
     fsync_directory(final.parent)
 

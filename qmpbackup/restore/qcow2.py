@@ -31,3 +31,14 @@ def convert_raw_to_qcow2(raw: Path, dest: Path, size: int, *, direct: bool = Tru
         return
     if proc.returncode != 0:
         raise RestoreError(f"qemu-img convert to {dest.name} failed: {failure_detail(proc)}")
+
+
+def create_qcow2(dest: Path, size: int, *, backing: str | None = None) -> None:
+    """An empty qcow2 ``dest`` of ``size`` bytes, over the raw ``backing`` when given (not opened:
+    a live restore's backing is an export that may not serve yet)."""
+    args = ["create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        args += ["-u", "-F", "raw", "-b", backing]
+    proc = run_qemu_img([*args, str(dest), str(size)], timeout=60, what=f"creating {dest}", error=RestoreError)
+    if proc.returncode != 0:
+        raise RestoreError(f"creating {dest}: {failure_detail(proc)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def _check_image(tmp_path: Path, image: Path, live_text: bytes | None) -> None:
     info = subprocess.run(["qemu-img", "info", "--output=json", str(image)], capture_output=True, text=True,
                           check=True).stdout
     assert "backing-filename" not in info
+    assert json.loads(info)["actual-size"] < 72 << 20  # sparse: the 48 MiB payload, not the 96 MiB disk
     raw = tmp_path / "restored.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
     assert subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True).returncode == 0
