@@ -48,14 +48,16 @@ class ExportSource(Protocol):
     @property
     def size(self) -> int: ...
 
-    def read(self, offset: int, length: int, /) -> bytes:
+    def read(self, offset: int, length: int, /) -> bytes | bytearray:
         """Exactly ``length`` bytes at ``offset``."""
         ...
 
-    def allocation(self, offset: int, length: int, /) -> list[tuple[int, int, bool]]:
+    def allocation(self, offset: int, length: int, max_runs: int = ..., /) -> list[tuple[int, int, bool]]:
         """``(offset, length, reads_as_zeroes)`` runs covering the range, in order.
 
         Runs may start before or end after the range (block granularity); the server clips them.
+        A source may stop early, after ``max_runs`` runs or sooner (runs covering only the start
+        of the range, at least one): BLOCK_STATUS then answers for less than asked, which NBD allows.
         """
         ...
 

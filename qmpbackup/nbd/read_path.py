@@ -126,7 +126,7 @@ class ReadTransmission:
 
     # -- replies ---------------------------------------------------------------------------
 
-    async def _send(self, *parts: bytes) -> None:
+    async def _send(self, *parts: bytes | bytearray) -> None:
         async with self._send_lock:
             for part in parts:
                 await self._loop.sock_sendall(self._sock, part)
@@ -174,7 +174,7 @@ class ReadTransmission:
             await self._send(self._chunk(cookie, ReplyType.OFFSET_DATA, 8 + length)
                              + proto.U64.pack(offset), data)
 
-    def _fetch(self, offset: int, length: int, holes: bool) -> bytes | None:
+    def _fetch(self, offset: int, length: int, holes: bool) -> bytes | bytearray | None:
         """The data, or None when ``holes`` and the whole range reads as zeroes (worker thread)."""
         if length == 0:
             return b""
@@ -200,7 +200,9 @@ class ReadTransmission:
             await self._error(cookie, Errno.EINVAL, "block status range empty or beyond the end")
             return
         try:
-            runs = await asyncio.to_thread(self._source.allocation, offset, length)
+            # REQ_ONE: the client takes one extent, so the source need not look past it.
+            runs = await asyncio.to_thread(self._source.allocation, offset, length,
+                                           *((1,) if flags & CmdFlag.REQ_ONE else ()))
         except Exception as err:
             log.error("%s: export %r: block status at %d failed: %s", self._label,
                       self._export.name, offset, err)

@@ -37,6 +37,9 @@ from qmpbackup.vma.index import (
 
 #: Decompressed frames kept (each at most ~1 MiB for our archives).
 FRAME_CACHE = 16
+#: Runs one ``allocation`` call returns at most (an NBD BLOCK_STATUS reply may cover less than asked).
+ALLOCATION_RUNS = 1024
+_MASK_BATCH = 4096  # clusters whose records allocation unpacks at once
 
 
 class RandomAccessError(QmpBackupError):
@@ -54,6 +57,7 @@ class ArchiveDevices:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._frames: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._hint = 0  # the frame found last (a guess to try first; shared by threads, checked every time)
         self.devices: list[DeviceReader] = [DeviceReader(self, dev) for dev in index.devices]
 
     @classmethod
@@ -109,8 +113,9 @@ class ArchiveDevices:
 
     # -- reading the plain stream ----------------------------------------------------------
 
-    def plain(self, offset: int, length: int) -> bytes:
-        """``length`` bytes of the uncompressed VMA stream at ``offset``."""
+    def plain(self, offset: int, length: int) -> bytes | memoryview:
+        """``length`` bytes of the uncompressed VMA stream at ``offset`` (a view into a cached frame
+        when one frame holds them all: no copy)."""
         if not self._zstd:
             data = os.pread(self._fd, length, offset)
             if len(data) < length:
@@ -118,9 +123,8 @@ class ArchiveDevices:
             return data
         pieces = []
         while length:
-            n = self._index.frame_at(offset)
-            start = self._index.frame(n)[1]
-            frame = self._frame(n)
+            n, start = self._frame_at(offset)
+            frame = memoryview(self._frame(n))
             piece = frame[offset - start:offset - start + length]
             if not piece:
                 raise RandomAccessError(f"{self.path.name}: frame {n} shorter than its index says")
@@ -128,6 +132,24 @@ class ArchiveDevices:
             offset += len(piece)
             length -= len(piece)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _frame_at(self, offset: int) -> tuple[int, int]:
+        """(frame number, its plain start) of the frame holding plain byte ``offset``.
+
+        The last frame found (and the one after it) are tried first: sequential reads and the
+        clusters of one frame then cost two table look-ups, not a binary search of the table.
+        """
+        hint = self._hint
+        if hint + 1 < self._index.frame_count:
+            start, after = self._index.frame(hint)[1], self._index.frame(hint + 1)[1]
+            if start <= offset < after:
+                return hint, start
+            if after <= offset < self._index.frame(hint + 2)[1]:
+                self._hint = hint + 1
+                return hint + 1, after
+        n = self._index.frame_at(offset)
+        self._hint = n
+        return n, self._index.frame(n)[1]
 
     def _frame(self, n: int) -> bytes:
         with self._lock:
@@ -153,12 +175,13 @@ class ArchiveDevices:
                 self._frames.popitem(last=False)
         return data
 
-    def cluster(self, dev: IndexDevice, cluster: int) -> bytes | None:
+    def cluster(self, dev: IndexDevice, cluster: int) -> bytes | bytearray | memoryview | None:
         """A cluster's 65536 bytes checked against its digest; None when it is all zero (mask 0)."""
         record = self._index.record(dev, cluster)
-        if record.mask == 0:
-            return None
+        if record.mask == 0 or record.digest == self._index.zero_digest:
+            return None  # (stored blocks whose cluster hashes as all zeros are zeros: nothing to read)
         stored = self.plain(record.data_offset, record.mask.bit_count() * fmt.BLOCK_SIZE)
+        data: bytes | bytearray | memoryview
         if record.mask == fmt.FULL_MASK:
             data = stored
         else:
@@ -167,7 +190,7 @@ class ArchiveDevices:
             for start, end in fmt.stored_runs(record.mask):
                 buf[start:end] = stored[at:at + end - start]
                 at += end - start
-            data = bytes(buf)
+            data = buf
         if self._index.digest_of(data) != record.digest:
             raise DataChecksumError(dev.name, cluster, record.data_offset)
         return data
@@ -189,10 +212,14 @@ class DeviceReader:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RandomAccessError(f"{self.name}: range {offset}+{length} outside the device ({self.size} bytes)")
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         """``length`` bytes at ``offset``; holes and omitted blocks read as zeros. Raises
         DataChecksumError (naming device and cluster) when the archive's data is damaged."""
         self._check_range(offset, length)
+        cluster, within = divmod(offset, fmt.CLUSTER_SIZE)
+        if within + length <= fmt.CLUSTER_SIZE:  # one cluster (small random reads): one copy
+            data = self._archive.cluster(self._dev, cluster)
+            return bytes(length) if data is None else bytes(data[within:within + length])
         out = bytearray(length)
         pos = offset
         end = offset + length
@@ -203,32 +230,48 @@ class DeviceReader:
             if data is not None:
                 out[pos - offset:pos - offset + take] = data[within:within + take]
             pos += take
-        return bytes(out)
+        return out
 
-    def allocation(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """Runs ``(offset, length, zero)`` covering the range at 4 KiB granularity; ``zero``: reads as zeros.
+    def allocation(self, offset: int, length: int, max_runs: int = ALLOCATION_RUNS) -> list[tuple[int, int, bool]]:
+        """Runs ``(offset, length, zero)`` from ``offset`` on at 4 KiB granularity; ``zero``: reads as zeros.
 
-        Answered from the index alone (no data is read).
+        Answered from the index alone (no data is read): a block is zero when the archive left it
+        out, or when it is stored but its whole cluster's digest is the all-zero digest (a writer
+        that stores zero blocks). A stored zero block next to data in its cluster shows as data:
+        telling it apart would mean reading and decompressing the cluster. At most ``max_runs``
+        runs: they then cover only the start of the range (an NBD client asks again from there).
         """
         self._check_range(offset, length)
         runs: list[tuple[int, int, bool]] = []
+        if not length:
+            return runs
         pos = offset
         end = offset + length
-        while pos < end:
-            cluster, within = divmod(pos, fmt.CLUSTER_SIZE)
-            mask = self._archive._index.record(self._dev, cluster).mask
-            cluster_start = cluster * fmt.CLUSTER_SIZE
-            block = within // fmt.BLOCK_SIZE
-            while block < fmt.BLOCKS_PER_CLUSTER and pos < end:
-                zero = not mask >> block & 1
-                stop = min(cluster_start + (block + 1) * fmt.BLOCK_SIZE, end)
-                if runs and runs[-1][2] == zero and runs[-1][0] + runs[-1][1] == pos:
-                    last = runs[-1]
-                    runs[-1] = (last[0], last[1] + stop - pos, zero)
+        first = offset // fmt.CLUSTER_SIZE
+        last = (end - 1) // fmt.CLUSTER_SIZE
+        while first <= last:
+            count = min(last + 1 - first, _MASK_BATCH)
+            for cluster, (stored, zero_digest) in enumerate(self._archive._index.masks(self._dev, first, count), first):
+                mask = 0 if zero_digest else stored
+                cluster_start = cluster * fmt.CLUSTER_SIZE
+                if mask == 0 or mask == fmt.FULL_MASK:
+                    pieces: list[tuple[int, bool]] = [(min(cluster_start + fmt.CLUSTER_SIZE, end), mask == 0)]
                 else:
-                    runs.append((pos, stop - pos, zero))
-                pos = stop
-                block += 1
+                    pieces = []
+                    for block in range((pos - cluster_start) // fmt.BLOCK_SIZE, fmt.BLOCKS_PER_CLUSTER):
+                        stop = min(cluster_start + (block + 1) * fmt.BLOCK_SIZE, end)
+                        pieces.append((stop, not mask >> block & 1))
+                        if stop == end:
+                            break
+                for stop, zero in pieces:
+                    if runs and runs[-1][2] == zero:
+                        runs[-1] = (runs[-1][0], stop - runs[-1][0], zero)
+                    elif len(runs) == max_runs:
+                        return runs
+                    else:
+                        runs.append((pos, stop - pos, zero))
+                    pos = stop
+            first += count
         return runs
 
 

@@ -27,7 +27,7 @@ from qmpbackup.vma import format as fmt
 from qmpbackup.vma.cluster_map import ClusterMap
 from qmpbackup.vma.errors import VmaError
 from qmpbackup.vma.header import encode_header, encode_name
-from qmpbackup.vma.index import IndexBuilder, slot_digests
+from qmpbackup.vma.index import ZERO_DIGEST, IndexBuilder, digest, slot_digests
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class VmaWriter:
         self._buf = bytearray(_EXTENT_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._slots: list[int] = []
+        self._records: list[tuple[int, int, int, int, bytes]] = []  # the slots' index records (add_records)
         self._pos = fmt.EXTENT_HEADER_SIZE
         self._cuts: list[int] = []  # payload positions after every FRAME_SLOTS slots
         self._end_frame = getattr(sink, "end_frame", None)
@@ -232,6 +233,8 @@ class VmaWriter:
         last = cluster_num == dev.clusters - 1
         valid = dev.tail if last else fmt.CLUSTER_SIZE
         mask = 0
+        value = ZERO_DIGEST
+        at = self._pos
         if data is not None:
             view = data if isinstance(data, memoryview) else memoryview(data)
             if view.format != "B" or view.ndim != 1:
@@ -240,8 +243,13 @@ class VmaWriter:
             if length != valid and not (last and length == fmt.CLUSTER_SIZE):
                 raise VmaError(f"device {dev.name}: cluster {cluster_num} has {length} bytes, expected {valid}")
             mask = self._pack(view, valid)
+            if mask:
+                # The blocks _pack left out are zero in ``view`` too, so the cluster as restored is
+                # ``view`` (cut to the device): hashed here, once, while it is still in the cache.
+                value = digest(view if valid == fmt.CLUSTER_SIZE else view[:valid])
         dev.seen.add(cluster_num)
         self._slots.append(fmt.blockinfo(mask, dev_id, cluster_num))
+        self._records.append((dev_id, cluster_num, at, mask, value))
         if len(self._slots) % FRAME_SLOTS == 0:
             self._cuts.append(self._pos)
         if len(self._slots) >= fmt.WRITER_SLOTS:
@@ -360,8 +368,7 @@ class VmaWriter:
         )
         buf[fmt.EXTENT_MD5] = hashlib.md5(self._view[: fmt.EXTENT_HEADER_SIZE]).digest()
         assert self.index is not None
-        self.index.add_extent(self.bytes_written, block_count,
-                              slot_digests(self._slots, self._view[fmt.EXTENT_HEADER_SIZE : self._pos]))
+        self.index.add_records(self.bytes_written, block_count, self._records)
         if self._end_frame is None:
             self._emit(self._view[: self._pos])
         else:
@@ -373,6 +380,7 @@ class VmaWriter:
                     start = cut
         self.extents_written += 1
         self._slots = []
+        self._records = []
         self._cuts = []
         self._pos = fmt.EXTENT_HEADER_SIZE
 

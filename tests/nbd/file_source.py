@@ -23,7 +23,8 @@ class FileSource:
         self.reads += 1
         return os.pread(self._fd, length, offset)
 
-    def allocation(self, offset: int, length: int, /) -> list[tuple[int, int, bool]]:
+    def allocation(self, offset: int, length: int, max_runs: int = 0, /) -> list[tuple[int, int, bool]]:
+        # (max_runs is a limit a source may ignore: the whole range is always answered here)
         start = offset - offset % BLOCK
         end = min(self.size, offset + length)
         runs: list[tuple[int, int, bool]] = []

@@ -318,3 +318,31 @@ def test_recompress_gives_random_access(tmp_path: Path, disks: list[tuple[DiskSp
         assert pve.returncode == 0, pve.stderr
         for spec, image in disks:
             assert (out / f"disk-{spec.name}.raw").read_bytes()[:len(image)] == image
+
+
+def test_allocation_shows_stored_zero_clusters_as_zero(tmp_path: Path) -> None:
+    """Another writer may store zero blocks (format.md: SHOULD be left out). A stored cluster whose
+    digest is the all-zero one reads as zeros; a stored zero block beside data shows as data (telling
+    it apart would mean reading the cluster). ``max_runs`` cuts the answer short."""
+    from tests.vma.archive_builder import RawExtent, raw_archive
+    from qmpbackup.vma import format as fmt
+
+    zero_block, data_block = bytes(4096), b"\x07" * 4096
+    extent = RawExtent(
+        slots=[fmt.blockinfo(fmt.FULL_MASK, 1, 0), fmt.blockinfo(0b1, 1, 1), fmt.blockinfo(0b11, 1, 2),
+               fmt.blockinfo(0, 1, 3)],
+        payload=zero_block * 16 + zero_block + data_block + zero_block)
+    archive = tmp_path / "foreign.vma"
+    archive.write_bytes(raw_archive([("drive-scsi0", 4 * CLUSTER_SIZE)], [extent, RawExtent()]))
+    assert qmpbackup("index", archive).returncode == 0
+    with ArchiveDevices.open(archive) as devices:
+        reader = devices.devices[0]
+        image = bytes(2 * CLUSTER_SIZE) + data_block + bytes(CLUSTER_SIZE + 15 * 4096)
+        assert len(image) == reader.size
+        assert reader.read(0, reader.size) == image
+        assert reader.read(4096, 4096) == zero_block and reader.read(2 * CLUSTER_SIZE, 4096) == data_block
+        c2 = 2 * CLUSTER_SIZE
+        assert reader.allocation(0, reader.size) == [(0, c2, True), (c2, 8192, False),
+                                                      (c2 + 8192, reader.size - c2 - 8192, True)]
+        assert reader.allocation(0, reader.size, 1) == [(0, c2, True)]
+        assert reader.allocation(c2 + 4096, 100, 1) == [(c2 + 4096, 100, False)]
