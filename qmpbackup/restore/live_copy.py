@@ -35,7 +35,7 @@ from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.qcow2 import create_qcow2
 from qmpbackup.restore.placement import TEMP_SUFFIX, work_name
 from qmpbackup.vma.index import DataChecksumError
-from qmpbackup.vma.random_access import DeviceReader
+from qmpbackup.vma.random_access import ALLOCATION_RUNS, DeviceReader
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class WatchedDevice:
     def size(self) -> int:
         return self._reader.size
 
-    def read(self, offset: int, length: int, /) -> bytes:
+    def read(self, offset: int, length: int, /) -> bytes | bytearray:
         try:
             return self._reader.read(offset, length)
         except DataChecksumError as exc:
@@ -108,8 +108,9 @@ class WatchedDevice:
                 return f"in {self._reader.name} cluster {start // cluster_size}"
         return f"reading {self._reader.name} at {offset}+{length}"
 
-    def allocation(self, offset: int, length: int, /) -> list[tuple[int, int, bool]]:
-        return self._reader.allocation(offset, length)
+    def allocation(self, offset: int, length: int, max_runs: int = ALLOCATION_RUNS, /
+                   ) -> list[tuple[int, int, bool]]:
+        return self._reader.allocation(offset, length, max_runs)
 
 
 async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], speed: int, started: float,
