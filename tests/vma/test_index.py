@@ -189,6 +189,29 @@ def test_flipped_data_byte_is_caught_on_read(tmp_path: Path, disks: list[tuple[D
         assert devices.devices[0].read(0, 4096) == disks[0][1][:4096]
 
 
+def test_flipped_byte_in_a_run_of_whole_clusters_is_caught(tmp_path: Path,
+                                                           disks: list[tuple[DiskSpec, bytes]]) -> None:
+    """A long read of a .vma reads runs of fully stored clusters with one preadv each: still checked."""
+    archive = _create(tmp_path, "a.vma", "none", disks)
+    with ArchiveIndex.open(archive) as index:
+        dev = index.devices[0]
+        full = [c for c in range(dev.clusters - 1) if index.record(dev, c).mask == 0xFFFF
+                and index.record(dev, c + 1).mask == 0xFFFF]
+        cluster = full[len(full) // 2] + 1
+        record = index.record(dev, cluster)
+    with open(archive, "r+b") as f:
+        f.seek(record.data_offset + CLUSTER_SIZE - 1)
+        byte = f.read(1)
+        f.seek(record.data_offset + CLUSTER_SIZE - 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with ArchiveDevices.open(archive) as devices:
+        reader, image = devices.devices[0], disks[0][1]
+        with pytest.raises(DataChecksumError, match=rf"drive-scsi0 cluster {cluster} \(byte offset"):
+            reader.read(0, reader.size)
+        start = (cluster + 1) * CLUSTER_SIZE
+        assert reader.read(start, reader.size - start) == image[start:]
+
+
 def test_gzip_needs_recompression(tmp_path: Path, disks: list[tuple[DiskSpec, bytes]]) -> None:
     archive = _create(tmp_path, "a.vma.gz", "gzip", disks)
     assert sidecar_path(archive).exists()
