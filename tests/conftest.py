@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,8 +31,8 @@ def isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
 
 #: Modules whose tests share a booted guest or helper VM (module-scoped fixtures, one per QEMU
-#: version where the fixture is parametrized): under pytest-xdist their tests stay on one worker,
-#: one group per version, so each VM boots once.
+#: version where the fixture is parametrized): under pytest-xdist their tests go to one worker as
+#: one unit per version, so each VM boots once.
 SHARED_VM_MODULES = (
     "tests/integration/test_freeze_guard.py",
     "tests/guest_agent/test_real_guest.py",
@@ -40,22 +41,44 @@ SHARED_VM_MODULES = (
 _QEMU_ID = re.compile(r"qemu\d+\.\d+")
 
 
+def work_unit(nodeid: str) -> str:
+    """What xdist hands a worker at once: a test, or a :data:`SHARED_VM_MODULES` module's tests of one version."""
+    module = nodeid.split("::")[0]
+    if module not in SHARED_VM_MODULES:
+        return nodeid
+    version = _QEMU_ID.search(nodeid)
+    return f"{module}-{version.group() if version else ''}"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Tests one by one to the next free worker, except the units of :func:`work_unit`.
+
+    (xdist's own ``--dist loadgroup`` marks do not take with pytest 9, whose node ids no longer
+    come from the attribute xdist rewrites.) Larger units are handed out first. Another ``--dist``
+    given on the command line is left to xdist.
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class SharedVmScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return SharedVmScheduling(config, log)
+
+
 def _rank(item: pytest.Item) -> int:
     return 0 if item.get_closest_marker("guest") else 1 if item.get_closest_marker("qemu") else 2
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules that boot guests first, then those that start QEMU, then the rest (each module's
-    tests stay together and in order), so the longest tests do not start last on a worker;
-    and the groups of :data:`SHARED_VM_MODULES` for ``--dist loadgroup``."""
+    tests stay together and in order), so that the longest tests do not start last on a worker."""
     module_rank: dict[str, int] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
         module_rank[module] = min(module_rank.get(module, 2), _rank(item))
-        if module in SHARED_VM_MODULES:
-            version = _QEMU_ID.search(item.nodeid)
-            item.add_marker(pytest.mark.xdist_group(f"{module}-{version.group() if version else ''}"))
     items.sort(key=lambda item: module_rank[item.nodeid.split("::")[0]])
 
 
