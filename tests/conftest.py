@@ -74,12 +74,34 @@ def _rank(item: pytest.Item) -> int:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules that boot guests first, then those that start QEMU, then the rest (each module's
-    tests stay together and in order), so that the longest tests do not start last on a worker."""
+    tests stay together and in order), so that the longest tests do not start last on a worker;
+    and the values of :func:`_spread_away` parameters spread over the QEMU versions."""
+    spread = [item for item in items if not _spread_away(item)]
+    if len(spread) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if _spread_away(item)])
+        items[:] = spread
     module_rank: dict[str, int] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
         module_rank[module] = min(module_rank.get(module, 2), _rank(item))
     items.sort(key=lambda item: module_rank[item.nodeid.split("::")[0]])
+
+
+def _spread_away(item: pytest.Item) -> bool:
+    """Whether ``@pytest.mark.spread_over_qemu("name")`` hands this value of ``name`` to another QEMU.
+
+    For a parameter whose values do not meet QEMU's behaviour (the archive's compression, the file
+    system under the disks), each value runs on one QEMU version in turn instead of on all of them;
+    every version still runs the test. With one version selected, every value runs on it.
+    """
+    from tests.support.qemu import selected_versions
+
+    mark = item.get_closest_marker("spread_over_qemu")
+    callspec = getattr(item, "callspec", None)
+    versions = selected_versions()
+    if mark is None or callspec is None or "qemu" not in callspec.params or len(versions) < 2:
+        return False
+    return bool(versions[callspec.indices[mark.args[0]] % len(versions)] != callspec.params["qemu"])
 
 
 _SHORT_BASETEMP = pytest.StashKey[str]()

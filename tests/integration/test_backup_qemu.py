@@ -108,6 +108,7 @@ def test_point_in_time_three_disks(qemu: QemuBinaries, qemu_vm, tmp_path: Path, 
     assert "INFO: include disk 'sata0'" in log and "bandwidth limit: 20480 KiB/s" in log
 
 
+@pytest.mark.spread_over_qemu("compress")  # the compress does not meet QEMU: one version each
 @pytest.mark.parametrize("compress", ["0", "zstd", "gzip", "lzo"])
 def test_compression_and_archive_contents(qemu: QemuBinaries, qemu_vm, tmp_path: Path, compress: str) -> None:
     disk = make_image(qemu.img, qemu.io, tmp_path / "d.qcow2", "qcow2", 8 * MiB + 512,
@@ -173,6 +174,7 @@ def test_stopped_vm_is_spawned_paused_and_stopped_again(qemu: QemuBinaries, tmp_
     assert leftover.stdout == "", "the spawned QEMU is gone"
 
 
+@pytest.mark.spread_over_qemu("compress")  # the compress does not meet QEMU: one version each
 @pytest.mark.parametrize("compress", ["0", "zstd"])
 def test_full_dump_dir_fails_cleanly(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path,
                                      compress: str) -> None:

@@ -138,6 +138,7 @@ def _full_read_line(log: str, reason: str) -> None:
     assert "Traceback" not in log
 
 
+@pytest.mark.spread_over_qemu("compress")  # the compress does not meet QEMU: one version each
 @pytest.mark.parametrize("compress", ["0", "zstd"])
 def test_incremental_is_the_disks_at_job_start(qemu: QemuBinaries, qemu_vm, tmp_path: Path, mon_dir: Path,
                                                compress: str) -> None:
@@ -269,6 +270,7 @@ def test_every_doubt_falls_back_to_a_full_read(qemu: QemuBinaries, qemu_vm, tmp_
         mon.close()
 
 
+@pytest.mark.spread_over_qemu("compress")  # the compress does not meet QEMU: one version each
 @pytest.mark.parametrize("compress", ["0", "zstd"])
 def test_damaged_cluster_of_previous_archive_is_not_propagated(qemu: QemuBinaries, qemu_vm, tmp_path: Path,
                                                                mon_dir: Path, compress: str) -> None:

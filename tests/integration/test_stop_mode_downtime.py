@@ -41,6 +41,7 @@ def guests(guest_image: GuestImage) -> Iterator[GuestFactory]:  # noqa: F811 - t
         yield factory
 
 
+@pytest.mark.spread_over_qemu("fstype")  # the fstype does not meet QEMU: one version each
 @pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
 def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBinaries, guests: GuestFactory,
                                                        loopfs: Callable[[str, int], LoopFs],  # noqa: F811
