@@ -12,7 +12,6 @@ has a journal or a live restore state, then the host journals
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from qmpbackup.mount.host_journal import HostCleanup, cleanup_host
 from qmpbackup.recovery.cleanup import CleanupReport, cleanup_vm, kill_spawned_orphans
 from qmpbackup.recovery.state import DEFAULT_STATE_DIR, journaled_vmids
 from qmpbackup.restore.errors import RestoreRefusedError
-from qmpbackup.restore.live_state import interrupted_live_restore, live_restore_vmids
+from qmpbackup.restore.live_state import interrupted_live_restore, live_restore_vmids, resume_command
 from qmpbackup.restore.phases import restore_lock
 
 
@@ -68,9 +67,8 @@ def _interrupted_live_restore(ctx: Context, vmid: int, run_dir: Path) -> list[st
             pass
     except RestoreRefusedError:
         return []  # its restore runs: that process finishes the copy
-    where = f" --run-dir {shlex.quote(str(run_dir))}" if run_dir != DEFAULT_RUN_DIR else ""
     return [f"its live restore is interrupted (its disks are not fully copied yet); finish it with: "
-            f"qmpbackup restore --live --resume {vmid}{where}"]
+            f"{resume_command(vmid, run_dir)}"]
 
 
 async def run(args: argparse.Namespace, ctx: Context) -> int:

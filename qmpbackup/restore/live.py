@@ -38,7 +38,8 @@ from qmpbackup.qemu.vm_runner import start_vm
 from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.guest import read_existing, start_guest
 from qmpbackup.restore.live_state import (
-    PAUSED_FILE, STATE_FILE, LiveState, Target, interrupted_live_restore, live_folder, write_state,
+    PAUSED_FILE, STATE_FILE, LiveState, Target, interrupted_live_restore, live_folder, resume_command,
+    write_state,
 )
 from qmpbackup.restore.live_copy import SOURCE_SUFFIX, CopyFailed, ReadFailures, copy_disks
 from qmpbackup.restore.placement import TEMP_SUFFIX, ImagePlan, work_name
@@ -126,7 +127,7 @@ async def live_restore(opts: RestoreOptions, run_dir: Path) -> GuestDefinition:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, mode=0o700)
         failures = ReadFailures()
-        with _interrupted_kept(folder, opts.vmid):
+        with _interrupted_kept(run_dir, opts.vmid):
             async with _served(archive, socket, failures) as exports:
                 _publish_overlays(plan.images, plan.text, def_path, socket, exports, opts)
                 await _run_vm_and_copy(plan.definition, plan.images, opts, run_dir, folder, failures)
@@ -175,9 +176,10 @@ async def _run_vm_and_copy(defn: GuestDefinition, images: list[ImagePlan], opts:
 
 
 @contextlib.contextmanager
-def _interrupted_kept(folder: Path, vmid: int) -> Iterator[None]:
+def _interrupted_kept(run_dir: Path, vmid: int) -> Iterator[None]:
     """Removes the run folder when the restore finished, or failed before its VM ran; keeps the
     state of one whose VM runs (paused after a failed copy) for ``--resume``."""
+    folder = live_folder(run_dir, vmid)
     try:
         yield
     except BaseException as exc:
@@ -187,8 +189,8 @@ def _interrupted_kept(folder: Path, vmid: int) -> Iterator[None]:
         if not (folder / STATE_FILE).exists():
             shutil.rmtree(folder, ignore_errors=True)
         else:
-            log.error("the live restore of VM %d is interrupted; once the archive reads again, finish it with: "
-                      "qmpbackup restore --live --resume %d", vmid, vmid)
+            log.warning("the live restore of VM %d is interrupted; finish it with: %s", vmid,
+                        resume_command(vmid, run_dir))
         raise
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -210,7 +212,7 @@ async def resume_live_restore(vmid: int, config_dir: Path, run_dir: Path) -> Non
         started = time.monotonic()
         log.info("resuming the live restore of VM %d from %s", vmid, state.archive)
         failures = ReadFailures()
-        with _interrupted_kept(folder, vmid):
+        with _interrupted_kept(run_dir, vmid):
             async with (_served(state.archive, folder / "nbd.sock", failures),
                         QmpSession(vmid, state.qmp) as session):
                 if (folder / PAUSED_FILE).exists():  # we paused it when its copy failed: it runs again

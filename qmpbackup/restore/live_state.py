@@ -7,10 +7,12 @@ reads it to serve the archive again, and ``cleanup`` to say that the restore is 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from qmpbackup.errors import UsageError
+from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 
 STATE_FILE = "state.json"
 PAUSED_FILE = "paused-by-copy"  # present: a failed copy paused the VM, and --resume continues it
@@ -18,6 +20,12 @@ PAUSED_FILE = "paused-by-copy"  # present: a failed copy paused the VM, and --re
 
 def live_folder(run_dir: Path, vmid: int) -> Path:
     return run_dir / "live-restore" / str(vmid)
+
+
+def resume_command(vmid: int, run_dir: Path) -> str:
+    """The command that finishes VM ``vmid``'s interrupted live restore."""
+    where = f" --run-dir {shlex.quote(str(run_dir))}" if run_dir != DEFAULT_RUN_DIR else ""
+    return f"qmpbackup restore --live --resume {vmid}{where}"
 
 
 @dataclass(frozen=True, slots=True)
