@@ -147,13 +147,13 @@ async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], spe
                 elif event["event"] == "BLOCK_JOB_CANCELLED":
                     await _pause(session)
                     raise CopyFailed(f"live restore of {device}: its copy job was cancelled; the VM is paused, "
-                                       "nothing was deleted")
+                                     "nothing was deleted")
                 elif event["event"] == "BLOCK_JOB_ERROR" or data.get("error"):
                     await _pause(session)
-                    reason = failures.of(devices[device].source) or data.get("error") or (
-                        f"{data.get('operation', 'I/O')} error")
+                    seen = failures.of(devices[device].source) if data.get("operation") != "write" else None
+                    reason = seen or data.get("error") or f"{data.get('operation', 'I/O')} error"
                     raise CopyFailed(f"live restore of {device} failed: {reason}; the VM is paused, nothing "
-                                       "was deleted")
+                                     "was deleted")
                 else:
                     _drop_source(devices[device].final)
                     del pending[job]
