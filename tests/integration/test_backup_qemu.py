@@ -27,6 +27,7 @@ from tests.support.backup import (
     images_equal,
     make_image,
     monitor_args,
+    next_second,
     random_fill,
     result_lines,
     terminate,
@@ -146,7 +147,7 @@ def test_suspend_mode_resumes_running_vm_and_keeps_paused_vm_paused(qemu: QemuBi
         assert mon.cmd("query-status")["status"] == "prelaunch", "a VM the user had paused stays paused"
         assert "suspending guest" not in r.stderr
         mon.cmd("cont")
-        time.sleep(1.1)  # archive names have a resolution of one second
+        next_second()
         r = run.run("100", "--qmp", str(vm.qmp_path), "--mode", "suspend")
         assert r.returncode == 0, r.stderr
         assert "INFO: suspending guest" in r.stderr and "resuming VM again after" in r.stderr
@@ -266,7 +267,7 @@ def test_hook_script_phases_and_environment(qemu: QemuBinaries, qemu_vm, tmp_pat
     failing = tmp_path / "fail.sh"
     failing.write_text('#!/bin/sh\n[ "$1" = backup-start ] && exit 3\nexit 0\n')
     failing.chmod(0o755)
-    time.sleep(1.1)
+    next_second()
     r = run.run("100", "--qmp", str(vm.qmp_path), "--script", str(failing))
     assert r.returncode == 1 and "backup-start" in r.stderr
     assert len(run.archives()) == 1
@@ -320,7 +321,7 @@ def test_retention_limit_and_status_mail(qemu: QemuBinaries, qemu_vm, tmp_path: 
     assert r.returncode == 0, r.stderr
     mail = mailbox.read_text()
     assert "admin@example.org" in mail and "100" in mail
-    time.sleep(1.1)
+    next_second()
     r = run.run("100", "--qmp", str(vm.qmp_path), "--remove", "0", "--prune-backups", "keep-last=1")
     assert r.returncode == 1 and "max backup limit of 1" in r.stderr, r.stderr
     assert len(run.archives()) == 1

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tests.support.backup import (
     images_equal,
     make_image,
     monitor_args,
+    next_second,
     random_fill,
 )
 from tests.support.qemu import DriveSpec, QemuBinaries
@@ -80,7 +80,7 @@ class Session:
 
     def backup(self, *args: str, ok: bool = True) -> tuple[dict[str, Any], str, Path | None]:
         before = set(self.run_.archives())
-        _next_second()
+        next_second()
         r = self.run_.run(VMID, "--qmp", str(self.qmp), "--output-format", "json", *args)
         assert (r.returncode == 0) == ok, r.stderr
         assert "Traceback" not in r.stderr
@@ -105,11 +105,6 @@ def _wait_jobs(mon: Monitor, proc: subprocess.Popen[str], count: int) -> None:
         proc.kill()
         _, err = proc.communicate(timeout=30)
         raise AssertionError(f"{count} jobs did not start:\n{err}") from None
-
-
-def _next_second() -> None:
-    """Archive names have a resolution of one second: a run must not start in the previous run's."""
-    time.sleep(1.05 - time.time() % 1.0)
 
 
 def _our_bitmaps(mon: Monitor) -> dict[str, list[dict[str, Any]]]:
@@ -169,7 +164,7 @@ def test_incremental_is_the_disks_at_job_start(qemu: QemuBinaries, qemu_vm, tmp_
         at_start = model.copy()
 
         # A slow job, so guest writes land while it runs (into changed and unchanged areas).
-        _next_second()
+        next_second()
         proc = s.run_.start(VMID, "--qmp", str(vm.qmp_path), "--output-format", "json",
                             "--compress", compress, "--bwlimit", "1024")
         try:
@@ -394,7 +389,7 @@ def test_stopped_vm_backs_up_incrementally_through_the_stored_bitmap(qemu: QemuB
     assert r.returncode == 0, r.stderr
     subprocess.run([str(qemu.io), "-f", "qcow2", "-c", "write -P 0x72 4M 64k", str(disk)], check=True,
                    capture_output=True, timeout=60)
-    _next_second()
+    next_second()
     r = run.run("150", "--output-format", "json")
     assert r.returncode == 0, r.stderr
     assert "scsi0: dirty-bitmap status: OK" in r.stderr, r.stderr
@@ -421,7 +416,7 @@ def test_incremental_with_fleecing(qemu: QemuBinaries, qemu_vm, tmp_path: Path, 
         model.write(mon, "scsi0", 2 * MiB, 3 * C, 0x62)
         model.write(mon, "scsi0", 14 * MiB + 100, 200, 0x63)
         at_start = model.copy()
-        _next_second()
+        next_second()
         proc = s.run_.start(VMID, "--qmp", str(vm.qmp_path), "--output-format", "json", *fleecing,
                             "--bwlimit", "256")
         try:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.backup import BackupRun, make_image
+from tests.support.backup import BackupRun, make_image, next_second
 from tests.support.qemu import QemuBinaries
 
 pytestmark = pytest.mark.qemu
@@ -34,14 +33,14 @@ def test_stopped_vm_qcow2_bitmaps(qemu: QemuBinaries, tmp_path: Path, isolated_c
     r = run.run("150", "--dirty-bitmap", "0")
     assert r.returncode == 0, r.stderr
     assert _bitmaps(qemu.img, disk) == [], "no incremental runs: nothing stays in the image"
-    time.sleep(1.1)
+    next_second()
     assert run.run("150").returncode == 0
     [kept] = _bitmaps(qemu.img, disk)  # the one the next incremental run starts from
     assert kept.startswith("qmpbackup-")
-    time.sleep(1.1)
+    next_second()
     assert run.run("150").returncode == 0
     [newer] = _bitmaps(qemu.img, disk)
     assert newer != kept, "each run replaces it; they never pile up"
-    time.sleep(1.1)
+    next_second()
     assert run.run("150", "--dirty-bitmap", "0").returncode == 0
     assert _bitmaps(qemu.img, disk) == []

@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import pytest
 from qmpbackup.backup.incremental import bitmap_for
 from qmpbackup.vma import VmaReader
 from tests.fleecing.conftest import MiB, VMID, random_disk
-from tests.support.backup import BackupRun, HeldRun, Monitor, dir_fleecing_storage, monitor_args
+from tests.support.backup import BackupRun, HeldRun, Monitor, dir_fleecing_storage, monitor_args, next_second
 from tests.support.qemu import DriveSpec, QemuBinaries, RunningQemu
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(900)]
@@ -116,7 +115,7 @@ def test_sigkill_at_every_point_leaves_nothing(qemu: QemuBinaries, qemu_vm: Any,
         for i, point in enumerate(points):
             # Each point is recovered by cleanup on one QEMU version and by the next backup on the other.
             recovery = ("cleanup", "next backup")[(i + (qemu.version != "7.2")) % 2]
-            time.sleep(1.05 - time.time() % 1)  # archives are named by the second: not the previous run's name
+            next_second()
             held = HeldRun(run, f"{point}=120", *args, "--bwlimit", "1024", env=env)
             try:
                 held.wait_point(point)
@@ -126,7 +125,7 @@ def test_sigkill_at_every_point_leaves_nothing(qemu: QemuBinaries, qemu_vm: Any,
                 r = _cli("cleanup", str(VMID), "--state-dir", str(tmp_path / "state"), env=env)
                 assert r.returncode == 0, f"{point}: cleanup failed\n{r.stdout}{r.stderr}"
             else:
-                time.sleep(1.05 - time.time() % 1)  # archives are named by the second: not the killed run's name
+                next_second()
                 r = run.run(*args, env=env)
                 assert r.returncode == 0, f"{point}: the next backup failed\n{r.stderr}"
                 assert "WARN" not in r.stderr or "left behind" in r.stderr, r.stderr

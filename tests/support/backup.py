@@ -96,6 +96,12 @@ class BackupRun:
         return sorted(p for p in self.dumpdir.glob("*.dat"))
 
 
+def next_second() -> None:
+    """Wait into the next wall-clock second: archive names have a resolution of one second, so a
+    run must not start in the second of the run before it."""
+    time.sleep(1.05 - time.time() % 1.0)
+
+
 def terminate(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60.0) -> tuple[int, str]:
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=timeout)
