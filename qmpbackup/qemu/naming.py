@@ -24,7 +24,9 @@ ROLE_FLEECE = "fleece"  # format node of the fleecing image
 ROLE_FLEECE_FILE = "flfile"  # protocol node of the fleecing image
 ROLE_SNAPSHOT = "snap"  # snapshot-access node the backup reads
 ROLE_SNAPSHOT_TRIM = "snaptrim"  # second snapshot-access node, only for discards
-ROLE_TARGET = "target"  # NBD client node the backup job writes into
+ROLE_TARGET = "target"  # qcow2 node the backup job writes into (metadata only, data on ROLE_TARGET_DATA)
+ROLE_TARGET_META = "tmeta"  # protocol node of the target's qcow2 metadata image (in the run folder)
+ROLE_TARGET_DATA = "tdata"  # NBD client node on our export: the target's raw external data file
 # Roles of jobs, exports and bitmaps (no length limit beyond QEMU's id syntax).
 ROLE_BACKUP = "backup"
 ROLE_CREATE = "create"

@@ -46,8 +46,8 @@ from qmpbackup.recovery.steps import open_in_qemu, undo_steps
 log = logging.getLogger(__name__)
 
 #: Our node roles, in the order they can be deleted (users before what they use).
-NODE_ORDER = (naming.ROLE_SNAPSHOT, naming.ROLE_SNAPSHOT_TRIM, naming.ROLE_TARGET, naming.ROLE_CBW,
-              naming.ROLE_FLEECE, naming.ROLE_FLEECE_FILE)
+NODE_ORDER = (naming.ROLE_SNAPSHOT, naming.ROLE_SNAPSHOT_TRIM, naming.ROLE_TARGET, naming.ROLE_TARGET_META,
+              naming.ROLE_TARGET_DATA, naming.ROLE_CBW, naming.ROLE_FLEECE, naming.ROLE_FLEECE_FILE)
 
 
 @dataclass(slots=True)

@@ -37,6 +37,8 @@ from tests.support.qemu import DriveSpec, QemuBinaries
 pytestmark = pytest.mark.qemu
 
 MiB = 1 << 20
+#: What QEMU says of a backup target that cannot tell its cluster size (a bare NBD node).
+BLOCK_SIZE_WARNING = "doesn't provide information about the block size"
 
 
 @pytest.fixture
@@ -91,6 +93,8 @@ def test_point_in_time_three_disks(qemu: QemuBinaries, qemu_vm, tmp_path: Path, 
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert mon.node_names() == nodes_before, "our nodes are gone again"
+        # Our qcow2 target (data file: our NBD export) tells block-copy its cluster size.
+        assert BLOCK_SIZE_WARNING not in vm.stderr(), vm.stderr()
         assert mon.cmd("query-block-jobs") == []
     finally:
         if proc.poll() is None:

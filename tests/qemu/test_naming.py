@@ -26,6 +26,8 @@ ROLES = st.sampled_from(
         naming.ROLE_SNAPSHOT,
         naming.ROLE_SNAPSHOT_TRIM,
         naming.ROLE_TARGET,
+        naming.ROLE_TARGET_META,
+        naming.ROLE_TARGET_DATA,
         "abcdefghijk",
     ]
 )
