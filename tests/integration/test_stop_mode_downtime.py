@@ -23,6 +23,7 @@ from tests.support.guest import (  # noqa: F401  (fixtures)
     GuestFactory,
     GuestImage,
     GuestOptions,
+    TestGuest,
     _make_ext4,
     guest_image,
 )
@@ -41,26 +42,34 @@ def guests(guest_image: GuestImage) -> Iterator[GuestFactory]:  # noqa: F811 - t
         yield factory
 
 
+def _stoppable_guest(fs: LoopFs, data_mb: int, qemu: QemuBinaries, guests: GuestFactory, tmp_path: Path,
+                     config: Path, started_file: Path | None = None) -> TestGuest:
+    """The test guest with its data disk on ``fs``, and VM 100's definition with a ``start``
+    command that starts it again (writing the moment into ``started_file``)."""
+    data = fs.mountpoint / "vm-100-disk-1.raw"
+    _make_ext4(data, data_mb, ())
+    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw",
+                                      data_disk=data))
+    guest.wait_writer(above=2)
+    stamp = f"date +%s.%N > {started_file}\n" if started_file is not None else ""
+    start = tmp_path / "start.sh"
+    start.write_text(f"#!/bin/sh\n{stamp}setsid " + shlex.join(guest.argv) + " </dev/null >/dev/null 2>&1 &\n")
+    start.chmod(0o755)
+    (config / "guests").mkdir()
+    (config / "guests" / "100.conf").write_text(
+        f"name: stopme\nagent: 1\nvirtio0: {data},format=raw\n\n[qmpbackup]\n"
+        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    return guest
+
+
 @pytest.mark.spread_over_qemu("fstype")  # the fstype does not meet QEMU: one version each
 @pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
 def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBinaries, guests: GuestFactory,
                                                        loopfs: Callable[[str, int], LoopFs],  # noqa: F811
                                                        tmp_path: Path, isolated_config: Path) -> None:
     fs = loopfs(fstype, 400 << 20)
-    data = fs.mountpoint / "vm-100-disk-1.raw"
-    _make_ext4(data, DATA_MB, ())
-    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw",
-                                      data_disk=data))
-    guest.wait_writer(above=2)
     started_file = tmp_path / "started-at"
-    start = tmp_path / "start.sh"
-    start.write_text(f"#!/bin/sh\ndate +%s.%N > {started_file}\nsetsid " + shlex.join(guest.argv)
-                     + " </dev/null >/dev/null 2>&1 &\n")
-    start.chmod(0o755)
-    (isolated_config / "guests").mkdir()
-    (isolated_config / "guests" / "100.conf").write_text(
-        f"name: stopme\nagent: 1\nvirtio0: {data},format=raw\n\n[qmpbackup]\n"
-        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    guest = _stoppable_guest(fs, DATA_MB, qemu, guests, tmp_path, isolated_config, started_file)
     run = BackupRun(tmp_path)
     seen: dict[str, float] = {}
     proc = run.start("100", "--mode", "stop", "--stopwait", "1", "--bwlimit", str(BWLIMIT_KIB))
@@ -103,18 +112,7 @@ def test_a_copy_left_by_a_killed_stop_mode_run_is_removed(qemu: QemuBinaries, gu
     """SIGKILL of a stop-mode run while its instant copy exists (the VM already runs again):
     the copy is journaled, so ``qmpbackup cleanup`` (QEMU 7.2) or the next backup (10.0) removes it."""
     fs = loopfs("xfs", 300 << 20)
-    data = fs.mountpoint / "vm-100-disk-1.raw"
-    _make_ext4(data, 16, ())
-    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw",
-                                      data_disk=data))
-    guest.wait_writer(above=2)
-    start = tmp_path / "start.sh"
-    start.write_text("#!/bin/sh\nsetsid " + shlex.join(guest.argv) + " </dev/null >/dev/null 2>&1 &\n")
-    start.chmod(0o755)
-    (isolated_config / "guests").mkdir()
-    (isolated_config / "guests" / "100.conf").write_text(
-        f"name: stopme\nagent: 1\nvirtio0: {data},format=raw\n\n[qmpbackup]\n"
-        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    guest = _stoppable_guest(fs, 16, qemu, guests, tmp_path, isolated_config)
     run = BackupRun(tmp_path)
     journal = tmp_path / "state" / "journal" / "100.jsonl"
 
