@@ -106,6 +106,7 @@ def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBi
     assert not [p for p in fs.mountpoint.iterdir() if COPY_MARK in p.name], "the copy is dropped"
 
 
+@pytest.mark.timeout(900)
 def test_a_copy_left_by_a_killed_stop_mode_run_is_removed(qemu: QemuBinaries, guests: GuestFactory,
                                                          loopfs: Callable[[str, int], LoopFs],  # noqa: F811
                                                          tmp_path: Path, isolated_config: Path) -> None:
