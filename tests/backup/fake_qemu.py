@@ -3,10 +3,10 @@
 It is not QEMU and does not try to be: it answers the commands a run sends with replies of
 QEMU's shape, keeps a small block graph (nodes, a device's node, dirty bitmaps, block jobs),
 emits ``JOB_STATUS_CHANGE`` events, and plays the block job's part of the data path: for each
-``blockdev-backup`` it connects to the target node's NBD export (our endpoint) and writes the
-disk's content there, then FLUSH and DISC when the target node is deleted. What only QEMU can
-show (point in time, copy-before-write, bitmaps that really track writes) stays with the tests
-that run real QEMU.
+``blockdev-backup`` it writes the disk's content into the NBD export (our endpoint) of the
+target node, or of its ``data-file`` node (our qcow2 target), then FLUSH and DISC when that NBD
+node is deleted. What only QEMU can show (point in time, copy-before-write, bitmaps that
+really track writes) stays with the tests that run real QEMU.
 
 Scripting: ``fail[command] = "text"`` answers that command with an error; ``busy_nodes``
 are nodes ``blockdev-del`` refuses; ``job_error = "text"`` makes every block job conclude
@@ -241,7 +241,8 @@ class FakeQemu:
             raise QmpError(f"Duplicate nodes with node-name='{name}'")
         size = next((d.size for d in self.disks if d.key in name), 0)
         self.nodes[name] = {"drv": args["driver"], "size": size,
-                            "children": {r: args[r] for r in ("file", "target") if isinstance(args.get(r), str)}}
+                            "children": {r: args[r] for r in ("file", "target", "data-file")
+                                         if isinstance(args.get(r), str)}}
         if args["driver"] == "nbd":
             client = await Client.connect(str(args["server"]["path"]))
             negotiated = await client.go(str(args["export"]))
@@ -304,7 +305,9 @@ class FakeQemu:
     async def _run_job(self, job: Job) -> None:
         self._set_job_status(job, "running")
         content = disk_content(job.size)
-        client = self._targets[job.target]
+        target = job.target
+        target = self.nodes[target]["children"].get("data-file", target)  # a qcow2 target's raw data file
+        client = self._targets[target]
         try:
             for offset in range(0, job.size, 1 << 20):
                 if await client.write(offset, content[offset:offset + (1 << 20)]) != 0:
