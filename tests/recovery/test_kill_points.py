@@ -146,7 +146,7 @@ def test_sigkill_at_every_point_leaves_nothing(qemu: QemuBinaries, qemu_vm: Any,
             assert not _our_processes(str(tmp_path / "state")), f"{point}: {_our_processes(str(tmp_path))}"
             table.append(f"qemu {qemu.version:5} {'fleecing' if fleecing else 'plain':8} {point:10} "
                          f"{recovery:12} held")
-        time.sleep(1.05 - time.time() % 1)  # not the name of the last point's next backup
+        next_second()  # not the name of the last point's next backup
         last = run.run(*args, env=env)
         assert last.returncode == 0, last.stderr
         assert _cli("verify", str(run.archives()[-1]), env=env).returncode == 0
