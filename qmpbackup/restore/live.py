@@ -41,7 +41,7 @@ from qmpbackup.restore.live_state import (
     PAUSED_FILE, STATE_FILE, LiveState, Target, interrupted_live_restore, live_folder, resume_command,
     write_state,
 )
-from qmpbackup.restore.live_copy import SOURCE_SUFFIX, CopyFailed, ReadFailures, copy_disks
+from qmpbackup.restore.live_copy import TARGET_SUFFIX, CopyFailed, ReadFailures, copy_disks
 from qmpbackup.restore.placement import TEMP_SUFFIX, ImagePlan, work_name
 from qmpbackup.restore.qcow2 import create_qcow2
 from qmpbackup.restore.publish import publish, signals_held
@@ -122,8 +122,8 @@ async def live_restore(opts: RestoreOptions, run_dir: Path) -> GuestDefinition:
                              "restore to a dir/nfs/cifs/btrfs storage or --target-dir")
         refuse_existing(opts, existing, plan.images)
         remove_leftovers(plan.images, def_path)
-        for p in plan.images:  # an earlier live restore's overlay name
-            work_name(p.final, SOURCE_SUFFIX).unlink(missing_ok=True)
+        for p in plan.images:  # an earlier live restore's unfinished copy
+            work_name(p.final, TARGET_SUFFIX).unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, mode=0o700)
         failures = ReadFailures()
@@ -171,7 +171,7 @@ async def _run_vm_and_copy(defn: GuestDefinition, images: list[ImagePlan], opts:
                    for d, p in found.items()}
         speed = opts.bwlimit_kib * 1024 // max(len(devices), 1)
         write_state(folder, LiveState(Path(opts.archive).resolve(), qmp, speed, devices))
-        await copy_disks(session, devices, speed, started, failures)
+        await copy_disks(session, devices, speed, started, failures, folder / PAUSED_FILE)
     log.info("the VM was up %d seconds before the copy finished", time.monotonic() - started)
 
 
@@ -218,5 +218,5 @@ async def resume_live_restore(vmid: int, config_dir: Path, run_dir: Path) -> Non
                 if (folder / PAUSED_FILE).exists():  # we paused it when its copy failed: it runs again
                     await session.execute("cont")
                     (folder / PAUSED_FILE).unlink()
-                await copy_disks(session, state.devices, state.speed, started, failures)
+                await copy_disks(session, state.devices, state.speed, started, failures, folder / PAUSED_FILE)
     log.info("live restore of VM %d finished", vmid)

@@ -7,10 +7,12 @@ reads with many requests in flight, where ``block-stream`` copies one chunk afte
 and it keeps the guest's writes: a write during the copy marks its clusters dirty and they are
 copied again, so the guest's data always wins over the archive's.
 
-The fresh image takes the image's name before the job starts (the overlay keeps a second
-name, ``.<image>.live-source``, removed when the job completed), so that after the pivot the
-VM's node opens the file the definition names. Every step can be repeated after a crash:
-``--resume`` looks at what QEMU and the files say and goes on from there.
+The fresh image is made under a hidden name, ``.<image>.live-target``, and takes the image's name
+only after QEMU moved the VM onto it, with the VM paused from the pivot to the rename. So the
+image's name is always a whole disk: before the pivot the overlay, whose backing is the export
+(opening it without the export fails loudly instead of booting half a disk), after it the fresh
+image. Every step can be repeated after a crash: ``--resume`` looks at what QEMU and the files say
+and goes on from there. Until the VM restarts, QEMU names the fresh image by its hidden name.
 
 A job that fails (a damaged cluster reads as an I/O error) pauses the VM instead of letting it
 run on half a disk: nothing is deleted, and the error names the damaged cluster as ``verify``
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 10.0
 JOB_PREFIX = "live-restore-"  # the job's id, and the fresh image's node name
-SOURCE_SUFFIX = ".live-source"
+TARGET_SUFFIX = ".live-target"
 _EVENTS = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR", "BLOCK_JOB_READY", "BLOCK_JOB_CANCELLED")
 
 
@@ -114,9 +116,10 @@ class WatchedDevice:
 
 
 async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], speed: int, started: float,
-                     failures: ReadFailures) -> None:
+                     failures: ReadFailures, paused_marker: Path) -> None:
     """Copy every disk still on its archive overlay (jobs left by a killed run go on); progress lines;
-    the VM paused when a job fails."""
+    the VM paused when a job fails. ``paused_marker`` exists while the VM is paused by us."""
+    pivot = _Pivot(session, paused_marker)
     async with session.events(_EVENTS) as events:
         running = {j["device"]: j for j in await session.execute("query-block-jobs")}
         backed = {name for name, inserted in (await _inserted(session)).items() if inserted.get("backing_file")}
@@ -125,13 +128,14 @@ async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], spe
         for device, image in devices.items():
             job = JOB_PREFIX + device
             if job in running:
-                await _go_on(session, job, running[job])
+                await _go_on(session, job, running[job], pivot)
                 pending[job] = device
             elif device in backed:
                 await _start_mirror(session, device, image, speed, stale_node=JOB_PREFIX + device in nodes)
                 pending[job] = device
             else:
-                _drop_source(image.final)
+                _take_final_name(image.final)
+        await pivot.resume_vm_if_done()
         total = sum(p.size for p in devices.values())
         last = time.monotonic()
         while pending:
@@ -143,7 +147,7 @@ async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], spe
                 job, data = event["data"]["device"], event["data"]
                 device = pending[job]
                 if event["event"] == "BLOCK_JOB_READY":
-                    await session.execute("block-job-complete", {"device": job})
+                    await pivot.start(job)
                 elif event["event"] == "BLOCK_JOB_CANCELLED":
                     await _pause(session)
                     raise CopyFailed(f"live restore of {device}: its copy job was cancelled; the VM is paused, "
@@ -155,8 +159,9 @@ async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], spe
                     raise CopyFailed(f"live restore of {device} failed: {reason}; the VM is paused, nothing "
                                      "was deleted")
                 else:
-                    _drop_source(devices[device].final)
+                    _take_final_name(devices[device].final)
                     del pending[job]
+                    await pivot.done(job)
             if time.monotonic() - last >= PROGRESS_EVERY_S or not pending:
                 last = time.monotonic()
                 jobs = {j["device"]: j for j in await session.execute("query-block-jobs")}
@@ -182,12 +187,40 @@ async def _inserted(session: QmpSession) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def _go_on(session: QmpSession, job: str, info: dict[str, Any]) -> None:
+async def _go_on(session: QmpSession, job: str, info: dict[str, Any], pivot: _Pivot) -> None:
     """A job a killed run left: resume it when paused, pivot it when ready."""
     if info.get("status") == "paused" or info.get("paused"):
         await session.execute("block-job-resume", {"device": job})
     if info.get("status") == "ready" or info.get("ready"):
-        await session.execute("block-job-complete", {"device": job})
+        await pivot.start(job)
+
+
+class _Pivot:
+    """Completes ready jobs with the VM paused, so that no guest write reaches the fresh image before
+    it has the image's name: a crash in between leaves the overlay, equal to it, under that name."""
+
+    def __init__(self, session: QmpSession, marker: Path) -> None:
+        self._session = session
+        self._marker = marker
+        self._jobs: set[str] = set()
+
+    async def start(self, job: str) -> None:
+        if not self._marker.exists():
+            status = await self._session.execute("query-status")
+            if status.get("running"):
+                self._marker.touch()  # before the pause: a run killed in between leaves it to --resume
+                await self._session.execute("stop")
+        self._jobs.add(job)
+        await self._session.execute("block-job-complete", {"device": job})
+
+    async def done(self, job: str) -> None:
+        self._jobs.discard(job)
+        await self.resume_vm_if_done()
+
+    async def resume_vm_if_done(self) -> None:
+        if not self._jobs and self._marker.exists():
+            await self._session.execute("cont")
+            self._marker.unlink()
 
 
 async def _start_mirror(session: QmpSession, device: str, image: CopyTarget, speed: int, *,
@@ -196,12 +229,12 @@ async def _start_mirror(session: QmpSession, device: str, image: CopyTarget, spe
     if stale_node:  # added by a run killed before its job started
         await session.execute("blockdev-del", {"node-name": node})
     inserted = (await _inserted(session)).get(device, {})
-    await asyncio.to_thread(_fresh_image_under_final_name, image)
+    target = await asyncio.to_thread(_fresh_target, image)
     cache = inserted.get("cache") or {}
     await session.execute("blockdev-add", {
         "driver": "qcow2", "node-name": node, "discard": "unmap" if image.discard else "ignore",
         "cache": {"direct": bool(cache.get("direct")), "no-flush": bool(cache.get("no-flush"))},
-        "file": {"driver": "file", "filename": str(image.final)}})
+        "file": {"driver": "file", "filename": str(target)}})
     args: dict[str, object] = {"job-id": job, "device": device, "target": node, "sync": "full",
                                "on-source-error": "stop", "on-target-error": "stop"}
     if speed:
@@ -209,21 +242,22 @@ async def _start_mirror(session: QmpSession, device: str, image: CopyTarget, spe
     await session.execute("blockdev-mirror", args)
 
 
-def _fresh_image_under_final_name(image: CopyTarget) -> None:
-    """The overlay keeps the name ``.<image>.live-source``; the image's name gets an empty qcow2
-    (each step can be repeated: a name left by an earlier try is made again)."""
-    final, source, temp = image.final, work_name(image.final, SOURCE_SUFFIX), work_name(image.final, TEMP_SUFFIX)
-    if not os.path.lexists(source):
-        os.link(final, source)
+def _fresh_target(image: CopyTarget) -> Path:
+    """An empty qcow2 under the hidden name (made again when an earlier try left one)."""
+    target, temp = work_name(image.final, TARGET_SUFFIX), work_name(image.final, TEMP_SUFFIX)
     temp.unlink(missing_ok=True)
     create_qcow2(temp, image.size)
-    os.replace(temp, final)
-    fsync_directory(final.parent)
+    os.replace(temp, target)
+    fsync_directory(target.parent)
+    return target
 
 
-def _drop_source(final: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(work_name(final, SOURCE_SUFFIX))
+def _take_final_name(final: Path) -> None:
+    """The fresh image, now the VM's disk, replaces the overlay under the image's name."""
+    target = work_name(final, TARGET_SUFFIX)
+    if target.exists():
+        os.replace(target, final)
+        fsync_directory(final.parent)
 
 
 async def _pause(session: QmpSession) -> None:

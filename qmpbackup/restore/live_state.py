@@ -15,7 +15,7 @@ from qmpbackup.errors import UsageError
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 
 STATE_FILE = "state.json"
-PAUSED_FILE = "paused-by-copy"  # present: a failed copy paused the VM, and --resume continues it
+PAUSED_FILE = "paused-by-copy"  # present: the copy paused the VM (failed, or pivoting); --resume continues it
 
 
 def live_folder(run_dir: Path, vmid: int) -> Path:

@@ -103,6 +103,8 @@ def test_live_restore_serves_the_guest_while_copying(tmp_path: Path, guest_image
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
         assert "the VM was up" in err and "progress 100%" in err
+        qmp = run_dir / "vms" / "100" / "qmp.sock"  # paused only for the pivot, running again
+        assert asyncio.run(_qmp(qmp, "query-status"))["status"] == "running"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -214,7 +216,10 @@ def test_a_damaged_cluster_pauses_the_vm_and_is_named(tmp_path: Path, guest_imag
         assert "Traceback" not in failed.stderr
         assert asyncio.run(_qmp(qmp, "query-status"))["status"] == "paused"
         image = target / "vm-100-disk-0.qcow2"
-        assert image.exists() and (target / ".vm-100-disk-0.qcow2.live-source").exists()
+        assert image.exists() and (target / ".vm-100-disk-0.qcow2.live-target").exists()
+        assert "backing-filename" in json.loads(subprocess.run(  # the image's name is still the overlay
+            ["qemu-img", "info", "-U", "--output=json", str(image)], capture_output=True, text=True,
+            check=True).stdout)
         assert (isolated_config / "guests" / "100.conf").exists()
         assert (run_dir / "live-restore" / "100" / "state.json").exists()
 
