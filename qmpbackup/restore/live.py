@@ -189,7 +189,8 @@ def _interrupted_kept(run_dir: Path, vmid: int) -> Iterator[None]:
         if not (folder / STATE_FILE).exists():
             shutil.rmtree(folder, ignore_errors=True)
         else:
-            log.warning("the live restore of VM %d is interrupted; finish it with: %s", vmid,
+            paused = " and the VM is paused" if (folder / PAUSED_FILE).exists() else ""
+            log.warning("the live restore of VM %d is interrupted%s; finish it with: %s", vmid, paused,
                         resume_command(vmid, run_dir))
         raise
     shutil.rmtree(folder, ignore_errors=True)

@@ -118,8 +118,21 @@ class WatchedDevice:
 async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], speed: int, started: float,
                      failures: ReadFailures, paused_marker: Path) -> None:
     """Copy every disk still on its archive overlay (jobs left by a killed run go on); progress lines;
-    the VM paused when a job fails. ``paused_marker`` exists while the VM is paused by us."""
-    pivot = _Pivot(session, paused_marker)
+    the VM paused when a job fails, or when anything else fails once the VM runs: its export ends with
+    us, and a guest left running would see read errors once QEMU stops waiting for it.
+    ``paused_marker`` exists while the VM is paused by us."""
+    try:
+        await _copy(session, devices, speed, started, failures, _Pivot(session, paused_marker))
+    except CopyFailed:
+        raise
+    except Exception:
+        paused_marker.touch()
+        await _pause(session)
+        raise
+
+
+async def _copy(session: QmpSession, devices: Mapping[str, CopyTarget], speed: int, started: float,
+                failures: ReadFailures, pivot: _Pivot) -> None:
     async with session.events(_EVENTS) as events:
         running = {j["device"]: j for j in await session.execute("query-block-jobs")}
         backed = {name for name, inserted in (await _inserted(session)).items() if inserted.get("backing_file")}
