@@ -216,8 +216,8 @@ async def resume_live_restore(vmid: int, config_dir: Path, run_dir: Path) -> Non
         with _interrupted_kept(run_dir, vmid):
             async with (_served(state.archive, folder / "nbd.sock", failures),
                         QmpSession(vmid, state.qmp) as session):
-                if (folder / PAUSED_FILE).exists():  # we paused it when its copy failed: it runs again
-                    await session.execute("cont")
-                    (folder / PAUSED_FILE).unlink()
+                # a VM we paused (failed copy, or a pivot) runs again once copy_disks has given each
+                # finished copy the image's name: not before, or a guest write could reach a copy
+                # whose name is still the overlay's
                 await copy_disks(session, state.devices, state.speed, started, failures, folder / PAUSED_FILE)
     log.info("live restore of VM %d finished", vmid)

@@ -63,9 +63,10 @@ class _FakeQemu:
     """Just enough QMP for the copy's decisions (the real jobs run in test_live_restore.py): one
     disk on its overlay whose mirror turns ready at once and completes when told."""
 
-    def __init__(self, fail_on: str | None = None) -> None:
+    def __init__(self, fail_on: str | None = None, *, pivoted: bool = False) -> None:
         self.calls: list[str] = []
-        self.running = True
+        self.running = not pivoted
+        self._pivoted = pivoted
         self._fail_on = fail_on
         self._events: list[dict[str, Any]] = []
 
@@ -74,7 +75,7 @@ class _FakeQemu:
         if command == self._fail_on:
             raise QmpBackupError(f"{command} refused")
         if command == "query-block":
-            return [{"device": "drive-scsi0", "inserted": {"backing_file": "json:{}"}}]
+            return [{"device": "drive-scsi0", "inserted": {} if self._pivoted else {"backing_file": "json:{}"}}]
         if command == "blockdev-mirror":
             self._events.append({"event": "BLOCK_JOB_READY", "data": {"device": JOB_PREFIX + "drive-scsi0"}})
         if command == "block-job-complete":
@@ -121,3 +122,15 @@ def test_a_failure_once_the_vm_runs_pauses_it_and_keeps_the_image(tmp_path: Path
         asyncio.run(copy_disks(qemu, {"drive-scsi0": target}, 0, 0.0, ReadFailures(), marker))  # type: ignore[arg-type]
     assert not qemu.running and marker.exists()  # --resume continues it
     assert target.final.read_bytes() == before  # the image's name still holds the overlay
+
+
+def test_resume_names_a_pivoted_copy_before_the_vm_runs_again(tmp_path: Path) -> None:
+    """A run killed between QEMU's pivot and the rename: the VM paused, the copy under its hidden name."""
+    qemu, target = _FakeQemu(pivoted=True), _target(tmp_path)
+    hidden = tmp_path / ".vm-100-disk-0.qcow2.live-target"
+    hidden.write_bytes(b"the copy")
+    marker = tmp_path / "paused"
+    marker.touch()
+    asyncio.run(copy_disks(qemu, {"drive-scsi0": target}, 0, 0.0, ReadFailures(), marker))  # type: ignore[arg-type]
+    assert target.final.read_bytes() == b"the copy" and not hidden.exists()
+    assert qemu.calls[-1] == "cont" and qemu.running and not marker.exists()
