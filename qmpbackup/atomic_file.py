@@ -332,6 +332,23 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write a small state file (a record, a pid file) so that a reader or a crash sees the old
+    text or the new, never a part: a temporary name beside it, fsync, rename, fsync the directory.
+    Unlike :func:`atomic_output` it replaces what is there: state files are rewritten."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_output(final: Path, temp: Path, *, ionice: int | None = None) -> Iterator[BinaryIO]:
     """Yield ``temp`` opened for writing (O_EXCL); on success make it durable and rename it to ``final``.

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from qmpbackup.atomic_file import replace_file
 from qmpbackup.recovery.state import DEFAULT_STATE_DIR
 from qmpbackup.cli.common import Context
 from qmpbackup.errors import EXIT_FAILED, UsageError
@@ -121,9 +122,7 @@ async def _daemon(archive: Path, socket_path: Path, pidfile: Path, ready_fd: int
 
 
 def _write_pidfile(path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    replace_file(path, f"{os.getpid()}\n")
 
 
 def _resolve_all(path: Path) -> None:

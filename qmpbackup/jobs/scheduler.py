@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import tzinfo
 from pathlib import Path
 
+from qmpbackup.atomic_file import replace_file
 from qmpbackup.errors import ConfigError, QmpBackupError
 from qmpbackup.jobs.calendar import next_event
 from qmpbackup.jobs.jobs_cfg import BackupJob, load_jobs_cfg
@@ -134,22 +134,10 @@ def load_state(path: Path) -> dict[str, JobState]:
 def save_state(path: Path, state: State) -> None:
     """Write the state atomically: temp file, fsync, rename, fsync the directory."""
     data = {"version": STATE_VERSION, "jobs": {jid: asdict(s) for jid, s in sorted(state.items())}}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(path, json.dumps(data, indent=1) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SchedulerError(f"cannot write scheduler state {path}: {exc.strerror}") from exc
 
 

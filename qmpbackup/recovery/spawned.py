@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from qmpbackup.atomic_file import replace_file
 from qmpbackup.recovery.state import spawn_records_dir
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,7 @@ def write_record(state_dir: Path, record: ProcessRecord) -> Path:
     directory = spawn_records_dir(state_dir)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / record.file_name
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record.as_record(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(record.as_record()))
     return path
 
 

@@ -11,6 +11,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmpbackup.atomic_file import replace_file
 from qmpbackup.errors import UsageError
 from qmpbackup.jobs.lock import DEFAULT_RUN_DIR
 
@@ -54,9 +55,7 @@ def write_state(folder: Path, state: LiveState) -> None:
     data = {"archive": str(state.archive), "qmp": str(state.qmp), "speed": state.speed,
             "devices": {d: {"image": str(t.final), "size": t.size, "source": t.source, "discard": t.discard}
                         for d, t in state.devices.items()}}
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(folder / STATE_FILE)
+    replace_file(folder / STATE_FILE, json.dumps(data))
 
 
 def interrupted_live_restore(vmid: int, run_dir: Path) -> LiveState | None:
