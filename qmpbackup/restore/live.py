@@ -41,7 +41,7 @@ from qmpbackup.restore.live_state import (
     PAUSED_FILE, STATE_FILE, LiveState, Target, interrupted_live_restore, live_folder, resume_command,
     write_state,
 )
-from qmpbackup.restore.live_copy import TARGET_SUFFIX, CopyFailed, ReadFailures, copy_disks
+from qmpbackup.restore.live_copy import TARGET_SUFFIX, ReadFailures, copy_disks, inserted_by_device
 from qmpbackup.restore.placement import TEMP_SUFFIX, ImagePlan, work_name
 from qmpbackup.restore.qcow2 import create_qcow2
 from qmpbackup.restore.publish import publish, signals_held
@@ -67,14 +67,12 @@ async def _devices_of(session: QmpSession, images: dict[str, ImagePlan]) -> dict
     """QEMU's device (or node) name of each image, found by its file name."""
     found: dict[str, ImagePlan] = {}
     by_path = {str(p.final.resolve()): p for p in images.values()}
-    for dev in await session.execute("query-block"):
-        inserted = dev.get("inserted") or {}
-        name = dev.get("device") or inserted.get("node-name")
+    for name, inserted in (await inserted_by_device(session)).items():
         plan = by_path.get(str(Path(inserted.get("file", "")).resolve())) if inserted.get("file") else None
         if plan is None:
             image = inserted.get("image") or {}
             plan = by_path.get(str(Path(image.get("filename", "/")).resolve()))
-        if plan is not None and name:
+        if plan is not None:
             found[name] = plan
     missing = [str(p.final) for p in images.values() if p not in found.values()]
     if missing:
@@ -182,10 +180,8 @@ def _interrupted_kept(run_dir: Path, vmid: int) -> Iterator[None]:
     folder = live_folder(run_dir, vmid)
     try:
         yield
-    except BaseException as exc:
+    except BaseException:
         (folder / "nbd.sock").unlink(missing_ok=True)
-        if isinstance(exc, CopyFailed):
-            (folder / PAUSED_FILE).touch()
         if not (folder / STATE_FILE).exists():
             shutil.rmtree(folder, ignore_errors=True)
         else:

@@ -121,13 +121,11 @@ async def copy_disks(session: QmpSession, devices: Mapping[str, CopyTarget], spe
     the VM paused when a job fails, or when anything else fails once the VM runs: its export ends with
     us, and a guest left running would see read errors once QEMU stops waiting for it.
     ``paused_marker`` exists while the VM is paused by us."""
+    pivot = _Pivot(session, paused_marker)
     try:
-        await _copy(session, devices, speed, started, failures, _Pivot(session, paused_marker))
-    except CopyFailed:
-        raise
+        await _copy(session, devices, speed, started, failures, pivot)
     except Exception:
-        paused_marker.touch()
-        await _pause(session)
+        await pivot.pause()
         raise
 
 
@@ -135,7 +133,8 @@ async def _copy(session: QmpSession, devices: Mapping[str, CopyTarget], speed: i
                 failures: ReadFailures, pivot: _Pivot) -> None:
     async with session.events(_EVENTS) as events:
         running = {j["device"]: j for j in await session.execute("query-block-jobs")}
-        backed = {name for name, inserted in (await _inserted(session)).items() if inserted.get("backing_file")}
+        backed = {name for name, inserted in (await inserted_by_device(session)).items()
+                  if inserted.get("backing_file")}
         nodes = {n.get("node-name") for n in await session.execute("query-named-block-nodes")}
         pending: dict[str, str] = {}  # job -> device
         for device, image in devices.items():
@@ -162,11 +161,9 @@ async def _copy(session: QmpSession, devices: Mapping[str, CopyTarget], speed: i
                 if event["event"] == "BLOCK_JOB_READY":
                     await pivot.start(job)
                 elif event["event"] == "BLOCK_JOB_CANCELLED":
-                    await _pause(session)
                     raise CopyFailed(f"live restore of {device}: its copy job was cancelled; the VM is paused, "
                                      "nothing was deleted")
                 elif event["event"] == "BLOCK_JOB_ERROR" or data.get("error"):
-                    await _pause(session)
                     seen = failures.of(devices[device].source) if data.get("operation") != "write" else None
                     reason = seen or data.get("error") or f"{data.get('operation', 'I/O')} error"
                     raise CopyFailed(f"live restore of {device} failed: {reason}; the VM is paused, nothing "
@@ -189,7 +186,7 @@ def _copied(size: int, job: dict[str, Any] | None) -> int:
     return size * int(job["offset"]) // max(int(job["len"]), 1)  # a mirror's len grows with guest writes
 
 
-async def _inserted(session: QmpSession) -> dict[str, dict[str, Any]]:
+async def inserted_by_device(session: QmpSession) -> dict[str, dict[str, Any]]:
     """Each block device's ``inserted`` record, by device name (or node name)."""
     out: dict[str, dict[str, Any]] = {}
     for dev in await session.execute("query-block"):
@@ -218,17 +215,20 @@ class _Pivot:
         self._jobs: set[str] = set()
 
     async def start(self, job: str) -> None:
-        if not self._marker.exists():
-            status = await self._session.execute("query-status")
-            if status.get("running"):
-                self._marker.touch()  # before the pause: a run killed in between leaves it to --resume
-                await self._session.execute("stop")
+        if not self._marker.exists() and (await self._session.execute("query-status")).get("running"):
+            await self.pause()
         self._jobs.add(job)
         await self._session.execute("block-job-complete", {"device": job})
 
     async def done(self, job: str) -> None:
         self._jobs.discard(job)
         await self.resume_vm_if_done()
+
+    async def pause(self) -> None:
+        """Pause the VM; the marker first, so that a run killed in between leaves it to ``--resume``."""
+        self._marker.touch()
+        with contextlib.suppress(QmpBackupError):
+            await self._session.execute("stop")
 
     async def resume_vm_if_done(self) -> None:
         if not self._jobs and self._marker.exists():
@@ -241,7 +241,7 @@ async def _start_mirror(session: QmpSession, device: str, image: CopyTarget, spe
     job = node = JOB_PREFIX + device
     if stale_node:  # added by a run killed before its job started
         await session.execute("blockdev-del", {"node-name": node})
-    inserted = (await _inserted(session)).get(device, {})
+    inserted = (await inserted_by_device(session)).get(device, {})
     target = await asyncio.to_thread(_fresh_target, image)
     cache = inserted.get("cache") or {}
     await session.execute("blockdev-add", {
@@ -271,8 +271,3 @@ def _take_final_name(final: Path) -> None:
     if target.exists():
         os.replace(target, final)
         fsync_directory(final.parent)
-
-
-async def _pause(session: QmpSession) -> None:
-    with contextlib.suppress(QmpBackupError):
-        await session.execute("stop")
