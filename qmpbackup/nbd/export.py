@@ -15,8 +15,11 @@ the consumer of the data path):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+Piece = bytes | bytearray | memoryview
 
 
 class ExportConsumer(Protocol):
@@ -48,8 +51,9 @@ class ExportSource(Protocol):
     @property
     def size(self) -> int: ...
 
-    def read(self, offset: int, length: int, /) -> bytes | bytearray:
-        """Exactly ``length`` bytes at ``offset``."""
+    def pieces(self, offset: int, length: int, /) -> Sequence[Piece]:
+        """Exactly ``length`` bytes at ``offset``, as buffers in order (sent as they are, by one
+        scatter-gather write: a source need not join what it has in pieces)."""
         ...
 
     def allocation(self, offset: int, length: int, max_runs: int = ..., /) -> list[tuple[int, int, bool]]:

@@ -37,7 +37,7 @@ from qmpbackup.restore.errors import RestoreError
 from qmpbackup.restore.qcow2 import create_qcow2
 from qmpbackup.restore.placement import TEMP_SUFFIX, work_name
 from qmpbackup.vma.index import DataChecksumError
-from qmpbackup.vma.random_access import ALLOCATION_RUNS, DeviceReader
+from qmpbackup.vma.random_access import ALLOCATION_RUNS, DeviceReader, Piece
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,9 @@ class WatchedDevice:
     def size(self) -> int:
         return self._reader.size
 
-    def read(self, offset: int, length: int, /) -> bytes | bytearray:
+    def pieces(self, offset: int, length: int, /) -> list[Piece]:
         try:
-            return self._reader.read(offset, length)
+            return self._reader.pieces(offset, length)
         except DataChecksumError as exc:
             self._last[self._reader.name] = str(exc)
             raise

@@ -9,8 +9,8 @@ digest, so a damaged archive gives an error, never wrong data. gzip and lzo stre
 and zstd written as one long frame, cannot be read at random: opening them says so
 and names ``qmpbackup vma recompress``.
 
-Thread safety: ``read`` and ``allocation`` may be called from several threads; the
-file is read with ``pread`` only, each thread has its own zstd decompressor, and the
+Thread safety: ``read``, ``pieces`` and ``allocation`` may be called from several threads;
+the file is read with ``pread`` only, each thread has its own zstd decompressor, and the
 frame cache is behind a lock.
 """
 
@@ -19,9 +19,11 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import zstandard
 
@@ -37,6 +39,9 @@ from qmpbackup.vma.index import (
 
 #: Decompressed frames kept (each at most ~1 MiB for our archives).
 FRAME_CACHE = 16
+#: What :meth:`DeviceReader.pieces` returns.
+Piece = bytes | bytearray | memoryview
+_ZEROS: Final = memoryview(ZERO_CLUSTER)
 #: Runs one ``allocation`` call returns at most (an NBD BLOCK_STATUS reply may cover less than asked).
 ALLOCATION_RUNS = 1024
 _MASK_BATCH = 4096  # clusters whose records allocation unpacks at once
@@ -57,6 +62,7 @@ class ArchiveDevices:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._frames: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._loading: dict[int, Future[bytes]] = {}  # frames a thread is decompressing
         self._hint = 0  # the frame found last (a guess to try first; shared by threads, checked every time)
         self.devices: list[DeviceReader] = [DeviceReader(self, dev) for dev in index.devices]
 
@@ -152,11 +158,36 @@ class ArchiveDevices:
         return n, self._index.frame(n)[1]
 
     def _frame(self, n: int) -> bytes:
+        """Frame ``n`` decompressed, from the cache or decompressed once: a thread that needs a frame
+        another thread is decompressing waits for it (sequential NBD reads run side by side and
+        share the frames at their edges; each would otherwise decompress those frames again)."""
         with self._lock:
             cached = self._frames.get(n)
             if cached is not None:
                 self._frames.move_to_end(n)
                 return cached
+            loading = self._loading.get(n)
+            if loading is None:
+                mine: Future[bytes] = Future()
+                self._loading[n] = mine
+        if loading is not None:
+            return loading.result()
+        try:
+            data = self._decompress(n)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[n]
+            mine.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[n]
+            self._frames[n] = data
+            while len(self._frames) > FRAME_CACHE:
+                self._frames.popitem(last=False)
+        mine.set_result(data)
+        return data
+
+    def _decompress(self, n: int) -> bytes:
         (c_start, p_start), (c_end, p_end) = self._index.frame(n), self._index.frame(n + 1)
         raw = os.pread(self._fd, c_end - c_start, c_start)
         dctx = getattr(self._local, "dctx", None)
@@ -169,10 +200,6 @@ class ArchiveDevices:
         if len(data) != p_end - p_start:
             raise RandomAccessError(f"{self.path.name}: zstd frame at byte {c_start} holds {len(data)} bytes, "
                                     f"the index says {p_end - p_start}")
-        with self._lock:
-            self._frames[n] = data
-            while len(self._frames) > FRAME_CACHE:
-                self._frames.popitem(last=False)
         return data
 
     def cluster(self, dev: IndexDevice, cluster: int) -> bytes | bytearray | memoryview | None:
@@ -195,24 +222,20 @@ class ArchiveDevices:
             raise DataChecksumError(dev.name, cluster, record.data_offset)
         return data
 
-    def clusters_into(self, dev: IndexDevice, first: int, dest: memoryview) -> None:
-        """Whole clusters from ``first`` on into ``dest`` (zero-filled, a multiple of 65536 bytes), checked.
+    def clusters(self, dev: IndexDevice, first: int, count: int) -> Iterator[Piece | None]:
+        """Clusters ``first`` .. ``first + count - 1``, each checked: 65536 bytes, or None when all zero.
 
         In a ``.vma`` the fully stored clusters of one extent lie back to back: each such run is
-        one ``preadv`` straight into ``dest`` (no copy, one call for up to an extent's 59
-        clusters); everything else goes through :meth:`cluster`. Sequential export reads are
-        mostly this.
+        read with one ``pread`` (up to an extent's 59 clusters) and handed out as views of it;
+        everything else goes through :meth:`cluster`. Sequential export reads are mostly this.
         """
         index = self._index
         size = fmt.CLUSTER_SIZE
-        count = len(dest) // size
         i = 0
         while i < count:
             record = index.record(dev, first + i)
             if self._zstd or record.mask != fmt.FULL_MASK or record.digest == index.zero_digest:
-                data = self.cluster(dev, first + i)
-                if data is not None:
-                    dest[i * size:(i + 1) * size] = data
+                yield self.cluster(dev, first + i)
                 i += 1
                 continue
             run = [record]
@@ -222,12 +245,12 @@ class ArchiveDevices:
                         or after.digest == index.zero_digest):
                     break
                 run.append(after)
-            span = dest[i * size:(i + len(run)) * size]
-            if os.preadv(self._fd, [span], record.data_offset) != len(span):
-                raise RandomAccessError(f"{self.path.name} ends before byte {record.data_offset + len(span)}")
+            span = memoryview(self.plain(record.data_offset, len(run) * size))
             for j, stored in enumerate(run):
-                if index.digest_of(span[j * size:(j + 1) * size]) != stored.digest:
+                data = span[j * size:(j + 1) * size]
+                if index.digest_of(data) != stored.digest:
                     raise DataChecksumError(dev.name, first + i + j, stored.data_offset)
+                yield data
             i += len(run)
 
 
@@ -247,7 +270,7 @@ class DeviceReader:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RandomAccessError(f"{self.name}: range {offset}+{length} outside the device ({self.size} bytes)")
 
-    def read(self, offset: int, length: int) -> bytes | bytearray:
+    def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; holes and omitted blocks read as zeros. Raises
         DataChecksumError (naming device and cluster) when the archive's data is damaged."""
         self._check_range(offset, length)
@@ -255,23 +278,21 @@ class DeviceReader:
         if within + length <= fmt.CLUSTER_SIZE:  # one cluster (small random reads): one copy
             data = self._archive.cluster(self._dev, cluster)
             return bytes(length) if data is None else bytes(data[within:within + length])
-        out = bytearray(length)
-        view = memoryview(out)
-        pos = offset
-        end = offset + length
-        while pos < end:
-            cluster, within = divmod(pos, fmt.CLUSTER_SIZE)
-            whole = (end - pos) // fmt.CLUSTER_SIZE * fmt.CLUSTER_SIZE if not within else 0
-            if whole:
-                self._archive.clusters_into(self._dev, cluster, view[pos - offset:pos - offset + whole])
-                pos += whole
-                continue
-            take = min(fmt.CLUSTER_SIZE - within, end - pos)
-            data = self._archive.cluster(self._dev, cluster)
-            if data is not None:
-                out[pos - offset:pos - offset + take] = data[within:within + take]
-            pos += take
-        view.release()
+        return b"".join(self.pieces(offset, length))
+
+    def pieces(self, offset: int, length: int) -> list[Piece]:
+        """The same bytes as :meth:`read`, as buffers in order and without copying: views of the
+        cached frames (or of the runs read from a ``.vma``), and of one shared zero cluster for
+        holes. ``export`` hands them to a single scatter-gather ``sendmsg``."""
+        self._check_range(offset, length)
+        out: list[Piece] = []
+        first, within = divmod(offset, fmt.CLUSTER_SIZE)
+        count = -(-(within + length) // fmt.CLUSTER_SIZE)
+        for data in self._archive.clusters(self._dev, first, count):
+            take = min(fmt.CLUSTER_SIZE - within, length)
+            out.append(_ZEROS[:take] if data is None else memoryview(data)[within:within + take])
+            length -= take
+            within = 0
         return out
 
     def allocation(self, offset: int, length: int, max_runs: int = ALLOCATION_RUNS) -> list[tuple[int, int, bool]]:
@@ -317,4 +338,4 @@ class DeviceReader:
         return runs
 
 
-__all__ = ["ZERO_CLUSTER", "ArchiveDevices", "DeviceReader", "RandomAccessError"]
+__all__ = ["ZERO_CLUSTER", "ArchiveDevices", "DeviceReader", "Piece", "RandomAccessError"]

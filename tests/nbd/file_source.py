@@ -19,9 +19,9 @@ class FileSource:
         self.size = os.fstat(self._fd).st_size
         self.reads = 0
 
-    def read(self, offset: int, length: int, /) -> bytes:
+    def pieces(self, offset: int, length: int, /) -> list[bytes]:
         self.reads += 1
-        return os.pread(self._fd, length, offset)
+        return [os.pread(self._fd, length, offset)]
 
     def allocation(self, offset: int, length: int, max_runs: int = 0, /) -> list[tuple[int, int, bool]]:
         # (max_runs is a limit a source may ignore: the whole range is always answered here)

@@ -42,10 +42,10 @@ def test_a_digest_failure_is_named_as_verify_names_it(tmp_path: Path) -> None:
     failures = ReadFailures()
     with ArchiveDevices.open(archive) as devices:
         source = failures.watch(devices.devices[0])
-        source.read(0, 65536)  # good reads leave no record
+        source.pieces(0, 65536)  # good reads leave no record
         assert failures.of("drive-scsi0") is None
         with pytest.raises(DataChecksumError):
-            source.read((cluster - 2) << 16, 3 << 16)
+            source.pieces((cluster - 2) << 16, 3 << 16)
     assert failures.of("drive-scsi0") == (f"data checksum mismatch in drive-scsi0 cluster {cluster} "
                                           f"(byte offset {offset})")
 
@@ -54,7 +54,7 @@ def test_a_damaged_zstd_frame_is_named_by_its_first_bad_cluster(tmp_path: Path) 
     archive, cluster, _ = _damaged(tmp_path, "zstd")
     failures = ReadFailures()
     with ArchiveDevices.open(archive) as devices, pytest.raises(QmpBackupError):
-        failures.watch(devices.devices[0]).read(cluster << 16, 1 << 16)
+        failures.watch(devices.devices[0]).pieces(cluster << 16, 1 << 16)
     named = failures.of("drive-scsi0")
     assert named is not None and "in drive-scsi0 cluster " in named, named
 
