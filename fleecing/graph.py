@@ -35,7 +35,7 @@ from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.discovery import Disk
 from qmpbackup.qemu.errors import QmpCommandError
-from qmpbackup.qemu.nodes import delete_node, node_exists
+from qmpbackup.qemu.nodes import add_node, delete_node, node_exists
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.recovery import kinds
 from qmpbackup.recovery.journal import Entry, Journal
@@ -190,8 +190,11 @@ class DriveFleecing:
     def _record(self, kind: kinds.Kind, undo: Callable[[], Awaitable[None]], **data: Any) -> Entry:
         """Journal a resource about to be created, with the step that undoes it (same as cleanup's)."""
         entry = self.journal.record(kind, **data)
-        self._entries.append((entry, undo))
+        self._track(entry, undo)
         return entry
+
+    def _track(self, entry: Entry, undo: Callable[[], Awaitable[None]]) -> None:
+        self._entries.append((entry, undo))
 
     def _forget(self, entry: Entry) -> None:
         self.journal.resolve(entry)
@@ -199,16 +202,9 @@ class DriveFleecing:
 
     async def _add_node(self, args: dict[str, Any]) -> None:
         node = str(args["node-name"])
-        if await node_exists(self.session, node):  # an earlier run's: never record (and so delete) it as ours
-            raise GraphError(f"node {node} already exists in QEMU (left by an earlier run? "
-                             f"'qmpbackup cleanup {self.vmid}' removes it)")
-        entry = self._record(kinds.BLOCKDEV, lambda: delete_node(self.session, node), node=node)
-        try:
-            await self.session.execute("blockdev-add", args)
-        except QmpCommandError:
-            if not await node_exists(self.session, node):
-                self._forget(entry)  # QEMU said no: nothing was created
-            raise
+        await add_node(self.session, self.journal, args, error=GraphError,
+                       recorded=lambda entry: self._track(entry, lambda: delete_node(self.session, node)),
+                       refused=self._forget)
 
     def cbw_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"driver": "copy-before-write", "node-name": self.names.cbw,

@@ -41,6 +41,7 @@ from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.errors import QmpCommandError, QmpTimeoutError
 from qmpbackup.qemu.nodes import (
     CANCEL_TIMEOUT_S,
+    add_node,
     cancel_job,
     delete_node,
     job_states,
@@ -116,7 +117,7 @@ async def _set_speed(session: QmpSession, job_id: str, speed: int) -> None:
 
 
 class TargetError(QmpBackupError):
-    """The target's metadata image could not be made."""
+    """The target's metadata image could not be made, or a target node's name is taken in QEMU."""
 
 
 def create_target_metadata(path: Path, size: int) -> None:
@@ -133,15 +134,6 @@ def create_target_metadata(path: Path, size: int) -> None:
         raise TargetError(f"creating {path}: {failure_detail(proc)}")
 
 
-async def _add_node(session: QmpSession, journal: Journal, args: dict[str, Any]) -> None:
-    entry = journal.record(kinds.BLOCKDEV, node=str(args["node-name"]))
-    try:
-        await session.execute("blockdev-add", args)
-    except QmpCommandError:
-        journal.resolve(entry)  # QEMU said no: nothing was created
-        raise
-
-
 async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[BlockJob], socket: Path,
                          caps: Capabilities) -> None:
     """Per drive: an NBD client node on our endpoint's export for it, and the qcow2 node above it
@@ -149,11 +141,12 @@ async def attach_targets(session: QmpSession, journal: Journal, jobs: Sequence[B
     for job in jobs:
         metadata = socket.parent / f"{job.key}.qcow2"
         await asyncio.to_thread(create_target_metadata, metadata, job.size)
-        await _add_node(session, journal, {"driver": "nbd", "node-name": job.data_node,
-                                           "server": {"type": "unix", "path": str(socket)}, "export": job.export})
-        await _add_node(session, journal, {"driver": "file", "node-name": job.meta_node, "filename": str(metadata)})
-        await _add_node(session, journal, {"driver": "qcow2", "node-name": job.target_node, "file": job.meta_node,
-                                           "data-file": job.data_node})
+        for args in ({"driver": "nbd", "node-name": job.data_node,
+                      "server": {"type": "unix", "path": str(socket)}, "export": job.export},
+                     {"driver": "file", "node-name": job.meta_node, "filename": str(metadata)},
+                     {"driver": "qcow2", "node-name": job.target_node, "file": job.meta_node,
+                      "data-file": job.data_node}):
+            await add_node(session, journal, args, error=TargetError)
 
 
 async def detach_targets(session: QmpSession, journal: Journal, jobs: Sequence[BlockJob]) -> None:

@@ -27,6 +27,7 @@ from qmpbackup.errors import QmpBackupError
 from qmpbackup.jobs.storage_cfg import parse_storage_cfg
 from qmpbackup.jobs.vzdump_conf import VzdumpOptions
 from qmpbackup.nbd.export import ExportConsumer
+from qmpbackup.qemu import naming
 from qmpbackup.recovery.state import journal_path
 from qmpbackup.vma import VmaReader
 from qmpbackup.vma.archive_io import open_archive
@@ -203,6 +204,22 @@ async def test_a_failure_in_any_phase_tears_everything_down(tmp_path: Path, qemu
     assert_nothing_left(tmp_path, qemu, run, bitmaps=True)
     assert not fake_agent.frozen
     assert not list((tmp_path / "dump").glob("*.vma"))
+
+
+async def test_a_target_node_left_by_an_earlier_run_is_refused_and_never_deleted(tmp_path: Path,
+                                                                                qemu: FakeQemu) -> None:
+    """A node under a target's name (an earlier run's, its journal lost) fails the run before anything is
+    recorded for it, with a line that names the cleanup: recorded, the run's replay would delete it."""
+    leftover = naming.node_name(VMID, "scsi0", naming.ROLE_TARGET_DATA)
+    qemu.nodes[leftover] = {"drv": "nbd", "size": 3 * MiB}
+    run = GuestRun(request(tmp_path, qemu, (Recorder(qemu),)))
+    result = await run.backup()
+    assert result.status == "error" and result.error is not None
+    assert f"node {leftover} already exists" in result.error and f"qmpbackup cleanup {VMID}" in result.error
+    assert run.failed_in is RunState.PREPARED
+    assert "blockdev-add" not in qemu.commands()
+    assert qemu.ours() == [leftover], "not ours to delete: cleanup's by-name pass removes it"
+    assert not journal_path(tmp_path / "state", VMID).exists()
 
 
 async def test_a_teardown_failure_never_replaces_the_error_of_the_run(tmp_path: Path, qemu: FakeQemu) -> None:
