@@ -28,14 +28,12 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Protocol
 
 from qmpbackup.errors import QmpBackupError, StateError
+from qmpbackup.vma.format import CLUSTER_SIZE, ZERO_CLUSTER
 
 log = logging.getLogger(__name__)
-
-CLUSTER_SIZE: Final = 65536  # the VMA cluster (qmpbackup.vma.format.CLUSTER_SIZE)
-_ZERO: Final = bytes(CLUSTER_SIZE)
 
 
 class ClusterSink(Protocol):
@@ -98,7 +96,7 @@ class _Partial:
             a, b = max(self.starts[i], off), min(self.ends[i], end)
             if a < b:
                 old = bytes(self.buf[a:b])
-                new = _ZERO[:b - a] if piece is None else bytes(piece[a - off:b - off])
+                new = ZERO_CLUSTER[:b - a] if piece is None else bytes(piece[a - off:b - off])
                 if old != new:
                     return a + next(k for k, (x, y) in enumerate(zip(old, new, strict=True)) if x != y)
             i += 1
@@ -286,14 +284,14 @@ class ClusterAssembler:
 
     def _again(self, c: int, piece: memoryview | None, length: int) -> None:
         """Bytes for a cluster already emitted: fine only if it and they are all zero."""
-        zero_piece = piece is None or _ZERO.startswith(piece)
+        zero_piece = piece is None or ZERO_CLUSTER.startswith(piece)
         if zero_piece and self._zero[c >> 3] & (1 << (c & 7)):
             self.stats.duplicate_bytes += length
             return
         raise PointInTimeError(self.name, c, "its first copy is already in the archive and cannot be compared")
 
     def _emit(self, c: int, piece: memoryview | None, clen: int) -> None:
-        if piece is not None and _ZERO.startswith(piece):
+        if piece is not None and ZERO_CLUSTER.startswith(piece):
             piece = None
         self.sink.write_cluster(self.dev_id, c, piece)
         self._mark_emitted(c, clen, zero=piece is None)

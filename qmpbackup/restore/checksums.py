@@ -27,7 +27,6 @@ from qmpbackup.vma.header import DeviceInfo
 
 log = logging.getLogger(__name__)
 
-_ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
 _ALL_RUNS = ((0, fmt.CLUSTER_SIZE),)
 
 
@@ -53,7 +52,7 @@ class DeviceHasher:
             self._hold(cluster, data, mask)
             return
         length = self._length(cluster)
-        self._hash.update(memoryview(data)[:length] if data is not None else _ZERO_CLUSTER[:length])
+        self._hash.update(memoryview(data)[:length] if data is not None else fmt.ZERO_CLUSTER[:length])
         self._frontier += 1
         if self._held.runs:
             self._drain()
@@ -84,11 +83,11 @@ class DeviceHasher:
             for cluster in range(start, end):
                 length = self._length(cluster)
                 if slot < 0:
-                    self._hash.update(_ZERO_CLUSTER[:length])
+                    self._hash.update(fmt.ZERO_CLUSTER[:length])
                     continue
                 data = os.pread(self._spill, length, (slot + cluster - start) * fmt.CLUSTER_SIZE)
                 # a hole (or past the file's end) reads as zeros or short
-                self._hash.update(data + _ZERO_CLUSTER[: length - len(data)])
+                self._hash.update(data + fmt.ZERO_CLUSTER[: length - len(data)])
             self._held.pop_first()
             self._frontier = end
 

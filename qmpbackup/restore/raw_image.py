@@ -45,7 +45,6 @@ DIRECT_ALIGN = 4096
 WRITER_THREADS = 3
 BUFFERS = 8
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
 
 
 class WritePool:
@@ -192,7 +191,7 @@ class RawImage:
         offset = cluster_num * fmt.CLUSTER_SIZE
         limit = min(fmt.CLUSTER_SIZE, self.size - offset)
         if mask == fmt.FULL_MASK:
-            if len(data) == fmt.CLUSTER_SIZE and _ZERO_CLUSTER.startswith(data):
+            if len(data) == fmt.CLUSTER_SIZE and fmt.ZERO_CLUSTER.startswith(data):
                 return  # stored, but zero all the same (startswith: memcmp, where == on a memoryview is per byte)
             self._add(offset, data, 0, limit)
             return

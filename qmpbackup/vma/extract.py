@@ -40,7 +40,6 @@ from qmpbackup.vma.restore_map import RestoreMapEntry, RestoreMapError
 log = logging.getLogger(__name__)
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
 _ALL_RUNS = ((0, fmt.CLUSTER_SIZE),)
 MAX_SIZE_SLACK = 4 << 20  # a mapped target may be this much larger (storage size granularity), as in Proxmox
 
@@ -142,7 +141,7 @@ def _restore_clusters(reader: VmaReader, targets: Mapping[int, _Target], progres
             runs = _ALL_RUNS if cluster.mask == fmt.FULL_MASK else fmt.stored_runs(cluster.mask)
             _write_runs(target, cluster.data, runs, offset, limit)
         if target.write_zeroes and cluster.mask != fmt.FULL_MASK:
-            _write_runs(target, _ZERO_CLUSTER, fmt.stored_runs(~cluster.mask & fmt.FULL_MASK), offset, limit)
+            _write_runs(target, fmt.ZERO_CLUSTER, fmt.stored_runs(~cluster.mask & fmt.FULL_MASK), offset, limit)
     for dev_id in targets:
         missing = reader.first_missing(dev_id)
         if missing is not None:

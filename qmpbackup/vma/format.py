@@ -19,6 +19,9 @@ CLUSTER_SIZE: Final = 65536  # addressing unit, 16 blocks
 BLOCKS_PER_CLUSTER: Final = CLUSTER_SIZE // BLOCK_SIZE
 SECTOR_SIZE: Final = 512  # device sizes are whole sectors (F4)
 FULL_MASK: Final = 0xFFFF  # every block of a cluster stored
+#: All-zero data to compare with and to write from (one shared copy; slice it for shorter runs).
+ZERO_CLUSTER: Final = bytes(CLUSTER_SIZE)
+ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
 
 # F2: archive header.
 MAGIC: Final = b"VMA\0"

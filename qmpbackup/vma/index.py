@@ -69,7 +69,7 @@ _CHECK_CHUNK: Final = 8 << 20
 
 assert HEADER.size == 96 and RECORD.size == 32 and TRAILER.size == 32
 
-ZERO_CLUSTER: Final = bytes(fmt.CLUSTER_SIZE)
+ZERO_CLUSTER: Final = fmt.ZERO_CLUSTER  # the same object, still importable from here (random_access does)
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:

@@ -18,9 +18,6 @@ from qmpbackup.vma.header import DeviceInfo
 
 Emit = Callable[[str], None]
 
-_ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
-_ZERO_BLOCK = bytes(fmt.BLOCK_SIZE)
-
 
 def zero_bytes(data: bytes | bytearray | memoryview | None, valid: int) -> int:
     """Bytes of a cluster counted as zero the way the C writer counts them.
@@ -33,7 +30,7 @@ def zero_bytes(data: bytes | bytearray | memoryview | None, valid: int) -> int:
     if data is None:
         return fmt.CLUSTER_SIZE
     view = data if isinstance(data, memoryview) else memoryview(data)
-    if _ZERO_CLUSTER.startswith(view[:valid]):
+    if fmt.ZERO_CLUSTER.startswith(view[:valid]):
         return fmt.CLUSTER_SIZE
     zero = 0
     firsts = view[:valid:fmt.BLOCK_SIZE].tobytes()
@@ -41,7 +38,7 @@ def zero_bytes(data: bytes | bytearray | memoryview | None, valid: int) -> int:
         start = block * fmt.BLOCK_SIZE
         if start >= valid:
             zero += fmt.BLOCK_SIZE
-        elif firsts[block] == 0 and _ZERO_BLOCK.startswith(view[start : min(start + fmt.BLOCK_SIZE, valid)]):
+        elif firsts[block] == 0 and fmt.ZERO_BLOCK.startswith(view[start : min(start + fmt.BLOCK_SIZE, valid)]):
             zero += fmt.BLOCK_SIZE
     return zero
 

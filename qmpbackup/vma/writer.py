@@ -31,8 +31,6 @@ from qmpbackup.vma.index import ZERO_DIGEST, IndexBuilder, digest, slot_digests
 
 log = logging.getLogger(__name__)
 
-_ZERO_CLUSTER = bytes(fmt.CLUSTER_SIZE)
-_ZERO_BLOCK = bytes(fmt.BLOCK_SIZE)
 _BLOCK_BOUNDS = tuple((j * fmt.BLOCK_SIZE, (j + 1) * fmt.BLOCK_SIZE, 1 << j) for j in range(fmt.BLOCKS_PER_CLUSTER))
 _EXTENT_BUFFER_SIZE = fmt.EXTENT_HEADER_SIZE + fmt.WRITER_SLOTS * fmt.CLUSTER_SIZE
 FRAME_SLOTS = 16
@@ -323,7 +321,7 @@ class VmaWriter:
         buf = self._buf
         pos = self._pos
         if valid == fmt.CLUSTER_SIZE:
-            if _ZERO_CLUSTER.startswith(view):
+            if fmt.ZERO_CLUSTER.startswith(view):
                 return 0
             # A block whose first byte is not zero is not a zero block: only blocks that
             # start with a zero byte need the full 4 KiB comparison.
@@ -332,7 +330,7 @@ class VmaWriter:
             block = firsts.find(0)
             while block >= 0:
                 start = block * fmt.BLOCK_SIZE
-                if _ZERO_BLOCK.startswith(view[start : start + fmt.BLOCK_SIZE]):
+                if fmt.ZERO_BLOCK.startswith(view[start : start + fmt.BLOCK_SIZE]):
                     mask &= ~(1 << block)
                 block = firsts.find(0, block + 1)
             if mask == fmt.FULL_MASK:
@@ -346,14 +344,14 @@ class VmaWriter:
             for start, end, bit in _BLOCK_BOUNDS:
                 if start >= valid:
                     break
-                if not _ZERO_BLOCK.startswith(view[start:end]):
+                if not fmt.ZERO_BLOCK.startswith(view[start:end]):
                     mask |= bit
         for start, end in fmt.stored_runs(mask):
             chunk = view[start:end]
             buf[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
             if len(chunk) < end - start:  # the last block straddles the device end: pad with zeros
-                buf[pos : pos + end - start - len(chunk)] = _ZERO_BLOCK[: end - start - len(chunk)]
+                buf[pos : pos + end - start - len(chunk)] = fmt.ZERO_BLOCK[: end - start - len(chunk)]
                 pos += end - start - len(chunk)
         self._pos = pos
         return mask
@@ -405,8 +403,6 @@ class VmaWriter:
         self._flush()
         self._state = WriterState.CLOSED
         log.debug("VMA archive %s closed: %d bytes, %d extents", self._uuid, self.bytes_written, self.extents_written)
-
-
 
 
 def _part_digests(parts: list[ReusedPart]) -> Iterator[tuple[int, int, int, bytes]]:

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from qmpbackup.backup.assembler import CLUSTER_SIZE, ClusterAssembler, PointInTimeError
+from qmpbackup.backup.assembler import ClusterAssembler, PointInTimeError
 from qmpbackup.backup.incremental import PreviousArchive, newest_archive
 from qmpbackup.backup.synthetic import PreviousArchiveError, fill_from_previous
+from qmpbackup.vma.format import CLUSTER_SIZE
 from qmpbackup.vma.index import ArchiveIndex, embed_index, sidecar_path, write_sidecar
 from qmpbackup.compress import Compression, open_compressor
 from qmpbackup.vma import VmaReader, VmaWriter

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.backup.assembler import CLUSTER_SIZE, ClusterAssembler
+from qmpbackup.backup.assembler import ClusterAssembler
 from qmpbackup.nbd import Export, NbdServer
+from qmpbackup.vma.format import CLUSTER_SIZE
 from tests.nbd.file_source import FileSource
 from tests.support.qemu import qemu  # noqa: F401  (the QEMU version fixture)
 

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmpbackup.backup.assembler import CLUSTER_SIZE, ClusterAssembler, PointInTimeError
+from qmpbackup.backup.assembler import ClusterAssembler, PointInTimeError
 from qmpbackup.errors import StateError
+from qmpbackup.vma.format import CLUSTER_SIZE
 from tests.nbd.conftest import RecordingSink
 
 C = CLUSTER_SIZE

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.backup.assembler import CLUSTER_SIZE, ClusterAssembler
+from qmpbackup.backup.assembler import ClusterAssembler
 from qmpbackup.nbd import Export, NbdServer
+from qmpbackup.vma.format import CLUSTER_SIZE
 from tests.nbd.images import MiB, make_raw, to_qcow2
 from tests.nbd.qemu_vm import backup_to_nbd, paused_qemu
 from tests.support.qemu import QemuBinaries
