@@ -184,12 +184,20 @@ async def _writer(session: QmpSession, qdev: str, size: int, stop: asyncio.Event
     return time.monotonic() - started
 
 
-def _latencies(out: bytes) -> list[float]:
+def latencies_ms(out: bytes) -> list[float]:
+    """Milliseconds of each write in QEMU's qemu-io output (``... and N ops/sec`` per write).
+
+    Public for tests/fleecing/test_bench_helpers.py: the benchmark itself is a script that
+    boots VMs for minutes, so its bookkeeping is tested on its own.
+    """
     return [1000.0 / float(ops) for _n, _off, ops in _OPS.findall(out) if float(ops) > 0]
 
 
-def _overwritten(writes: list[tuple[float, int]], received: list[tuple[int, int, float]], unit: int) -> int:
-    """Bytes of copy-before-write units the guest wrote before the backup had sent them."""
+def overwritten_bytes(writes: list[tuple[float, int]], received: list[tuple[int, int, float]], unit: int) -> int:
+    """Bytes of copy-before-write units the guest wrote before the backup had sent them.
+
+    Public for the same reason as :func:`latencies_ms` (its tests need no VM).
+    """
     first_sent: dict[int, float] = {}
     for offset, length, when in received:
         for u in range(offset // unit, (offset + length - 1) // unit + 1):
@@ -228,7 +236,7 @@ async def run_scenario(binary: Path, version: str, sc: Scenario, size: int, rate
         await asyncio.sleep(0.2)
     finally:
         vm.kill()
-    lat = _latencies(vm.out_path.read_bytes())
+    lat = latencies_ms(vm.out_path.read_bytes())
     if lat:
         q = statistics.quantiles(lat, n=100, method="inclusive")
         result.p50_ms, result.p99_ms, result.max_ms = q[49], q[98], max(lat)
@@ -291,7 +299,7 @@ async def _backup(session: QmpSession, caps: Any, d: Any, sc: Scenario, result: 
             result.reclaim = ("discard-source" if caps.has_backup_discard_source else
                               "NBD TRIM" if fl.reclaimers else "none")
             unit = max(sc.cluster, 64 << 10) if sc.fleecing == "qcow2" else 64 << 10
-            result.overwritten = _overwritten(writes, target.received, unit)
+            result.overwritten = overwritten_bytes(writes, target.received, unit)
     finally:
         if fl is not None:
             await fl.teardown()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleecing.bench import Result, _latencies, _overwritten, recommendation, table
+from fleecing.bench import Result, latencies_ms, overwritten_bytes, recommendation, table
 
 K = 64 * 1024
 
@@ -11,13 +11,13 @@ def test_overwritten_counts_units_written_before_they_were_sent() -> None:
     received = [(0, 2 * K, 10.0), (2 * K, K, 20.0), (3 * K, K, 30.0)]
     writes = [(5.0, 100), (6.0, 200), (15.0, K + 5), (18.0, 2 * K), (35.0, 3 * K)]
     # unit 0 before sent (once), unit 1 after, unit 2 before, unit 3 after
-    assert _overwritten(writes, received, K) == 2 * K
+    assert overwritten_bytes(writes, received, K) == 2 * K
 
 
 def test_latencies_from_qemu_io_output() -> None:
     out = (b"wrote 4096/4096 bytes at offset 0\n4 KiB, 1 ops; 00.00 sec (39.7 MiB/sec and 10000.0000 ops/sec)\n"
            b"wrote 4096/4096 bytes at offset 4096\n4 KiB, 1 ops; 00.50 sec (8 KiB/sec and 2.0000 ops/sec)\n")
-    assert _latencies(out) == [0.1, 500.0]
+    assert latencies_ms(out) == [0.1, 500.0]
 
 
 def test_table_and_recommendation() -> None:
