@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.jobs.backup_job import JobRequest, _guests
+from qmpbackup.jobs.backup_job import JobRequest, plan_backup_job
 from qmpbackup.jobs.command_line import vzdump_command_line
 from qmpbackup.jobs.jobs_cfg import parse_jobs_cfg
 from qmpbackup.jobs.scheduler import backup_command
-from qmpbackup.jobs.vzdump_conf import VzdumpOptions
 from tests.cli.retention_helpers import assert_usage_error, backup, qmpbackup
 
 
@@ -46,8 +45,10 @@ def test_exclude_alone_means_all_but_these(tmp_path: Path) -> None:
     (config / "guests").mkdir(parents=True)
     for vmid in (100, 101, 102):
         (config / "guests" / f"{vmid}.conf").write_text("")
-    request = JobRequest(config_dir=config, options={}, state_dir=tmp_path / "state")
-    assert _guests(request, VzdumpOptions(exclude=(101,))) == [100, 102]
+    request = JobRequest(config_dir=config, options={"exclude": "101", "dumpdir": str(tmp_path / "dump")},
+                         state_dir=tmp_path / "state")
+    plan = plan_backup_job(request)
+    assert plan.vmids == [100, 102] and sorted(plan.definitions) == [100, 102]
 
 
 def test_pool_refused_and_node_elsewhere_does_nothing(tmp_path: Path, isolated_config: Path) -> None:
