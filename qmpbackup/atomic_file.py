@@ -115,7 +115,7 @@ class _BackgroundWriter:
         while (item := self._handoff.get()) is not None:
             buf, length = item
             try:
-                _write_aligned(self._fd, buf[:length])
+                write_aligned(self._fd, buf[:length])
             except OSError as exc:
                 raise named(exc, self._name) from None
             self._handoff.done()
@@ -128,8 +128,12 @@ def named(exc: BaseException, path: str) -> BaseException:
     return exc
 
 
-def _write_aligned(fd: int, view: memoryview) -> None:
-    """Write with O_DIRECT; after a short write (the disk filled up) the rest goes buffered."""
+def write_aligned(fd: int, view: memoryview) -> None:
+    """Write with O_DIRECT; after a short write (the disk filled up) the rest goes buffered.
+
+    The one place the background writer touches the disk, looked up at each write: tests
+    replace it to play a full or a hung disk and to see which thread writes (the ionice level).
+    """
     done = 0
     while done < len(view):
         if done % DIRECT_ALIGN:

@@ -153,7 +153,7 @@ def test_a_failed_background_write_fails_the_output_and_leaves_nothing(
     def disk_full(fd: int, view: memoryview) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(atomic_file, "_write_aligned", disk_full)
+    monkeypatch.setattr(atomic_file, "write_aligned", disk_full)
     final, temp = tmp_path / "f", tmp_path / "f.dat"
     with pytest.raises(OSError, match="No space left") as err, atomic_output(final, temp) as out:
         for _ in range(8):
@@ -167,14 +167,14 @@ def test_the_writer_thread_carries_the_ionice_level(tmp_path: Path, monkeypatch:
     if not supports_o_direct(tmp_path):
         pytest.skip(f"{tmp_path} has no O_DIRECT")
     seen: list[tuple[int, int]] = []
-    real = atomic_file._write_aligned
+    real = atomic_file.write_aligned
 
     def record(fd: int, view: memoryview) -> None:
         tid = threading.get_native_id()
         seen.append((get_priority(tid).ioclass, tid))
         real(fd, view)
 
-    monkeypatch.setattr(atomic_file, "_write_aligned", record)
+    monkeypatch.setattr(atomic_file, "write_aligned", record)
     with atomic_output(tmp_path / "i", tmp_path / "i.dat", ionice=8) as out:
         out.write(bytes(DIRECT_CHUNK + 4096))
     assert seen and all(ioclass == int(psutil.IOPRIO_CLASS_IDLE) for ioclass, _ in seen)

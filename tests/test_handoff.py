@@ -150,7 +150,7 @@ def test_a_stuck_archive_write_fails_the_output_instead_of_hanging(
     def stuck(fd: int, view: memoryview) -> None:
         release.wait(30)  # a dead disk
 
-    monkeypatch.setattr(atomic_file, "_write_aligned", stuck)
+    monkeypatch.setattr(atomic_file, "write_aligned", stuck)
     final, temp = tmp_path / "f", tmp_path / "f.dat"
     try:
         with pytest.raises(Stalled, match="stalled"), atomic_output(final, temp) as out:
