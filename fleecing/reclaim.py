@@ -93,6 +93,14 @@ class QemuNbdServer:
             self._entry = None
 
 
+class TrimClient(Protocol):
+    """Where the TRIMs go: the :class:`~qmpbackup.nbd.client.NbdClient` of the trim export."""
+
+    async def trim(self, offset: int, length: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class ReclaimState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -112,7 +120,7 @@ class TrimReclaimer:
         self.export_id = naming.export_name(graph.vmid, graph.disk.key, naming.ROLE_EXPORT, "trim")
         self.alignment = 0
         self.trimmed_bytes = 0
-        self._client: NbdClient | None = None
+        self._client: TrimClient | None = None
         self._entries: list[Entry] = []
         self._done = bytearray((self.size + BLOCK - 1) // BLOCK)
         self._unit_done: list[int] = []
@@ -142,12 +150,21 @@ class TrimReclaimer:
         await self.session.execute("block-export-add", {"type": "nbd", "id": self.export_id,
                                                         "node-name": self.node, "name": self.export_id,
                                                         "writable": True})
-        self._client = await NbdClient.connect(str(self.server.socket), self.export_id)
-        if self._client.size != self.size:
-            raise FleecingError(f"trim export {self.export_id} has size {self._client.size}, expected {self.size}")
-        self._state = ReclaimState.RUNNING
+        client = self._client = await NbdClient.connect(str(self.server.socket), self.export_id)
+        if client.size != self.size:
+            raise FleecingError(f"trim export {self.export_id} has size {client.size}, expected {self.size}")
+        self.trim_through(client)
         self.start_trimming()
         log.debug("%r: TRIM alignment %d", self, self.alignment)
+
+    def trim_through(self, client: TrimClient) -> None:
+        """Reclaim from now on, with TRIMs to ``client`` (:meth:`close` closes it).
+
+        :meth:`start` calls it once the trim export is connected; the tests of the alignment
+        rules give a client that records the TRIMs, with no QEMU behind it.
+        """
+        self._client = client
+        self._state = ReclaimState.RUNNING
 
     def start_trimming(self) -> None:
         """Start the task that sends TRIMs (owned here; :meth:`close` ends it)."""

@@ -41,8 +41,7 @@ def reclaimer(size: int, alignment: int) -> tuple[TrimReclaimer, FakeClient]:
     r = TrimReclaimer(graph, None)  # type: ignore[arg-type]
     r.set_alignment(alignment)
     client = FakeClient()
-    r._client = client  # type: ignore[assignment]
-    r._state = ReclaimState.RUNNING
+    r.trim_through(client)
     return r, client
 
 
@@ -93,7 +92,8 @@ async def test_trim_task_merges_and_refuses_bad_alignment() -> None:
         assert c.trims == [(0, 3 * MiB), (5 * MiB, MiB)]
     finally:
         await r.close()
-    assert r._task is None
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("trim-")], "close ends the TRIM task"
+    assert r.state is ReclaimState.CLOSED
     with pytest.raises(FleecingError):
         r.set_alignment(4096)
 
