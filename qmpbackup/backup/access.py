@@ -4,7 +4,9 @@ Stop mode shuts a running VM down first (through the agent, else ACPI), takes an
 copy of its disks (:mod:`qmpbackup.instant_copy`, journaled) and starts it again at once with
 its guest definition's ``start`` command, while the backup reads the copy. Where no instant
 copy is possible it starts the VM again after the backup, also when the backup failed: a
-VM must not stay down because its backup did.
+VM must not stay down because its backup did. The shutdown is journaled first (kind
+``stopped-vm``, resolved once the VM answers again): a run killed before the restart leaves the
+VM to the next run or ``qmpbackup cleanup``, which start it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,13 +25,21 @@ from pathlib import Path
 from qmpbackup.backup.kill_points import hold
 from qmpbackup.backup.request import BackupError, GuestRequest
 from qmpbackup.backup.tasklog import TaskLog
-from qmpbackup.errors import QmpBackupError, UsageError
+from qmpbackup.errors import UsageError
 from qmpbackup.guest_config import GuestDefinition
 from qmpbackup.instant_copy import NoInstantCopy, instant_copies
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.shutdown import clean_shutdown
 from qmpbackup.qemu.spawn import SpawnedQemu
-from qmpbackup.recovery.journal import Journal
+from qmpbackup.qemu.start_command import (
+    ANSWER_TIMEOUT_S,
+    StartFailed,
+    qmp_accepts,
+    run_start_command,
+    wait_answering,
+)
+from qmpbackup.recovery import kinds
+from qmpbackup.recovery.journal import Entry, Journal
 
 
 @dataclass(slots=True)
@@ -62,6 +71,7 @@ async def reach_qemu(req: GuestRequest, tasklog: TaskLog, hook: Callable[[str], 
     definition = req.definition
     if definition is None:
         raise UsageError(f"VM {req.vmid}: QMP socket {qmp} does not exist and the VM has no guest definition")
+    down: Entry | None = None
     if running:
         assert qmp is not None
         if not definition.reach.start:
@@ -70,30 +80,37 @@ async def reach_qemu(req: GuestRequest, tasklog: TaskLog, hook: Callable[[str], 
         tasklog.info("status = running")
         await hook("backup-start")
         await hook("pre-stop")
-        await _shut_down(req, definition, qmp, tasklog)
+        down = journal.record(kinds.STOPPED_VM, vmid=req.vmid, qmp=str(qmp), start=list(definition.reach.start))
     else:
         tasklog.info("status = stopped")
     stopped_at = time.monotonic()
     failed = True
     restarted = False
     try:
+        if down is not None:
+            assert qmp is not None
+            await _shut_down(req, definition, qmp, tasklog)
+            stopped_at = time.monotonic()
         with contextlib.ExitStack() as copies:
             on_disks = definition
-            if running:
+            if down is not None:
                 on_disks = _instant_copy(definition, copies, tasklog, journal)
                 if on_disks is not definition:
-                    restarted = await _start_again(definition, tasklog, stopped_at)
+                    restarted = await _start_again(definition, down, journal, tasklog, stopped_at)
                     if not restarted:
                         raise BackupError(f"VM {req.vmid} could not be started again")
                     await hold("copied")
             tasklog.info("starting kvm to execute backup task")
             async with SpawnedQemu(on_disks, state_dir=req.state_dir) as spawned:
                 async with QmpSession(str(req.vmid), spawned.qmp_path) as session:
+                    if down is not None and not restarted:
+                        await hold("stopped")
                     yield QemuAccess(session, False, stopped_by_us=running)
                 tasklog.info("stopping kvm after backup task")
         failed = False
     finally:
-        if running and not restarted and not await _start_again(definition, tasklog, stopped_at) and not failed:
+        if down is not None and not restarted and not await _start_again(definition, down, journal, tasklog,
+                                                                          stopped_at) and not failed:
             raise BackupError(f"VM {req.vmid} was backed up but could not be started again")
 
 
@@ -136,37 +153,33 @@ async def _shut_down(req: GuestRequest, definition: GuestDefinition, qmp: Path, 
         raise BackupError(f"VM {req.vmid} did not shut down within {req.options.stopwait_min} minutes")
     # QEMU releases its image locks when it exits; its QMP socket goes with it.
     async with asyncio.timeout(30):
-        while qmp.exists() and _accepts(qmp):
+        while qmp.exists() and qmp_accepts(qmp):
             await asyncio.sleep(0.1)
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(1)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-async def _start_again(definition: GuestDefinition, tasklog: TaskLog, stopped_at: float) -> bool:
-    """Run the definition's start command; a failure is logged as an error and returns False.
+async def _start_again(definition: GuestDefinition, down: Entry, journal: Journal, tasklog: TaskLog,
+                       stopped_at: float) -> bool:
+    """Run the definition's start command, unless the VM still runs (its shutdown failed); a failure
+    is logged as an error and returns False. ``down`` is resolved once the VM answers on its QMP
+    socket; one that does not answer yet keeps it, for ``qmpbackup cleanup`` to look again.
 
     The hooks' restart phases run later, in vzdump's order (see ``GuestRun``)."""
     assert definition.reach.start
+    qmp = Path(down.data["qmp"])
+    if qmp_accepts(qmp):
+        journal.resolve(down)
+        return True
+    tasklog.info("restarting VM")
     try:
-        tasklog.info("restarting VM")
-        proc = await asyncio.create_subprocess_exec(
-            *definition.reach.start, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        async with asyncio.timeout(120):
-            out, _ = await proc.communicate()
-        tasklog.lines(logging.INFO, out.decode(errors="replace"))
-        if proc.returncode != 0:
-            raise BackupError(f"start command of VM {definition.vmid} failed with exit status {proc.returncode}")
-        tasklog.info(f"guest is online again after {int(time.monotonic() - stopped_at)} seconds")
-    except (QmpBackupError, OSError, TimeoutError) as exc:
+        out = await run_start_command(definition.vmid, definition.reach.start)
+    except StartFailed as exc:
         tasklog.error(f"unable to start VM {definition.vmid} again: {exc}")
         return False
+    tasklog.lines(logging.INFO, out)
+    tasklog.info(f"guest is online again after {int(time.monotonic() - stopped_at)} seconds")
+    if await wait_answering(qmp):
+        journal.resolve(down)
+    else:
+        tasklog.warn(f"VM {definition.vmid} accepts no connection on its QMP socket {qmp} "
+                     f"{ANSWER_TIMEOUT_S:g} s after its start command; 'qmpbackup cleanup' starts it if it is down")
     return True

@@ -6,6 +6,8 @@ writes ``qmpbackup-test: at <point>`` to stderr and sleeps that long. Without th
 variable (every real run) :func:`hold` returns at once. The points:
 
 - ``copied``: stop mode, the instant copies of the disks exist (journaled), the VM runs again
+- ``stopped``: stop mode without instant copy, the VM is shut down by us (journaled) and the
+  QEMU we spawned has its own disks open; the VM is started again only after the backup
 - ``journal``: the journal is open (an earlier run's leftovers undone); nothing new exists yet
   (in stop mode only the instant copies)
 - ``prepared``: fleecing's images, nodes and filters exist; the devices do not use them yet

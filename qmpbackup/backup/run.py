@@ -68,7 +68,9 @@ from qmpbackup.recovery.host_files import journaled_output, run_folder
 from qmpbackup.recovery import kinds
 from qmpbackup.recovery.journal import Entry, Journal
 from qmpbackup.recovery.replay import Sessions, replay
+from qmpbackup.recovery.spawned import kill_orphans
 from qmpbackup.recovery.state import journal_path
+from qmpbackup.recovery.steps import undo_steps
 from qmpbackup.render import render_archive_size, render_hms
 from qmpbackup.store.dumpdir import check_backup_limit, prune_after_backup
 from qmpbackup.store.names import archive_name, log_name, temp_name
@@ -263,13 +265,14 @@ class GuestRun:
         req, tasklog, opts = self.req, self.tasklog, self.req.options
         if not opts.remove and req.stdout is None:  # vzdump's retention pre-check, before anything else
             check_backup_limit(req.dump_dir, req.vmid, opts.effective_prune)
-        if not vm_is_running(req):  # as vzdump: a stopped VM is backed up (and its hooks run) in stop mode
-            self.mode = "stop"
-            self.guest = dataclasses.replace(self.guest, mode="stop")
-        # Open (and locked) before QEMU is reached: stop mode journals its instant copies there.
+        # Open (and locked) before QEMU is reached: stop mode journals its shutdown and instant copies there.
         journal = Journal.open(journal_path(req.state_dir, req.vmid))
         teardown.callback(journal.close)
         leftovers = {e.id for e in journal.pending()}
+        await _start_left_stopped(journal, leftovers, req.vmid, req.state_dir, tasklog)
+        if not vm_is_running(req):  # as vzdump: a stopped VM is backed up (and its hooks run) in stop mode
+            self.mode = "stop"
+            self.guest = dataclasses.replace(self.guest, mode="stop")
         access = self.access = await teardown.enter_async_context(reach_qemu(req, tasklog, self.hook, journal))
         session, running = access.session, access.running
         if running:
@@ -277,10 +280,12 @@ class GuestRun:
             tasklog.info("status = running")
 
         sessions = Sessions(req.vmid, session)
-        if leftovers:
+        def leftover(entry: Entry) -> bool:  # an earlier run's stopped-vm is undone before QEMU is reached
+            return entry.id in leftovers and entry.kind != kinds.STOPPED_VM.name
+
+        if any(leftover(e) for e in journal.pending()):
             tasklog.warn("cleaning up what an earlier run of this VM left behind")
-            for failure in await replay(journal, sessions, info=tasklog.info, say=tasklog.warn,
-                                        only=lambda e: e.id in leftovers):
+            for failure in await replay(journal, sessions, info=tasklog.info, say=tasklog.warn, only=leftover):
                 tasklog.warn(failure)
         journal.bind(sessions.current_qemu)
         teardown.push_async_callback(_final_unwind, journal, sessions, tasklog, leftovers)
@@ -504,14 +509,35 @@ def _select_disks(definition: GuestDefinition, disks: tuple[Disk, ...], tasklog:
     return chosen
 
 
+async def _start_left_stopped(journal: Journal, leftovers: set[int], vmid: int, state_dir: Path,
+                              tasklog: TaskLog) -> None:
+    """Start the VM first if an earlier stop-mode run shut it down and died before starting it again
+    (a ``stopped-vm`` entry), so that this run finds it running as that run did: that run's QEMU
+    on its disks is killed and its instant copies dropped first (newest first, as always). A VM
+    that cannot be started is backed up as a stopped one; the entry stays for ``qmpbackup cleanup``."""
+    if not any(e.kind == kinds.STOPPED_VM.name for e in journal.pending() if e.id in leftovers):
+        return
+    tasklog.warn("cleaning up what an earlier run of this VM left behind")
+    await asyncio.to_thread(kill_orphans, state_dir, vmid=vmid)
+    for failure in await replay(journal, None, info=tasklog.info,
+                                steps=lambda s: undo_steps(s, say=tasklog.warn, state_dir=state_dir),
+                                only=lambda e: e.id in leftovers and e.kind in _ACCESS_KINDS):
+        tasklog.warn(failure)
+
+
+#: What ``reach_qemu`` records and undoes itself (the next run: :func:`_start_left_stopped`).
+_ACCESS_KINDS = frozenset({kinds.INSTANT_COPY.name, kinds.STOPPED_VM.name})
+
+
 async def _final_unwind(journal: Journal, sessions: Sessions, tasklog: TaskLog, leftovers: set[int]) -> None:
     """Undo whatever is still recorded; runs shielded so a second signal cannot cut it short.
 
-    This run's instant copies are not undone here: the QEMU reading them still runs, and
-    ``reach_qemu`` drops them once it has ended."""
+    This run's instant copies and shutdown are not undone here: the QEMU reading the copies (or
+    the VM's own disks) still runs, and ``reach_qemu`` ends it before it drops them and starts the
+    VM again. An earlier run's ``stopped-vm`` is only ever undone before QEMU is reached."""
 
     def ours_now(entry: Entry) -> bool:
-        return entry.kind != kinds.INSTANT_COPY.name or entry.id in leftovers
+        return entry.kind not in _ACCESS_KINDS or (entry.kind == kinds.INSTANT_COPY.name and entry.id in leftovers)
 
     if not [e for e in journal.pending() if ours_now(e)]:
         return

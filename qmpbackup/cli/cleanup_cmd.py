@@ -2,9 +2,10 @@
 
 Replays each VM's journal (the nodes, filters, exports and jobs in its QEMU; the device
 back on its own node; fleecing images), then looks for leftovers by name (when the
-journal is gone), deletes ``vm-<vmid>-fleece-*`` files on file storages, and kills QEMUs
-we spawned whose run died. A live restore whose copy did not finish is named with the command
-that finishes it (``restore --live --resume``): it is not undone. Without VMID: every VM that
+journal is gone), deletes ``vm-<vmid>-fleece-*`` files on file storages, kills QEMUs we
+spawned whose run died, and starts a VM that a killed stop-mode run left shut down. A live
+restore whose copy did not finish is named with the command that finishes it
+(``restore --live --resume``): it is not undone. Without VMID: every VM that
 has a journal or a live restore state, then the host journals
 (:mod:`qmpbackup.mount.host_journal`): ``export --daemon`` processes, and killed ``mount`` runs.
 """

@@ -13,11 +13,15 @@ Two sources, in this order:
    files on the file storages of storage.cfg that no process has open. What the by-name
    pass removed counts as undone: the journal is replayed once more after it.
 
-Orphaned QEMUs we spawned are killed (:func:`qmpbackup.recovery.spawned.kill_orphans`).
+Orphaned QEMUs we spawned are killed (:func:`qmpbackup.recovery.spawned.kill_orphans`), the VM's
+own before its journal is replayed. A VM that a stop-mode run shut down and did not start again
+(``stopped-vm``) is started with its start command after that run's instant copies are dropped,
+unless it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -36,6 +40,7 @@ from qmpbackup.qemu import naming
 from qmpbackup.qemu.errors import QmpCommandError, QmpConnectError, QmpSocketBusyError
 from qmpbackup.qemu.nodes import cancel_job, delete_node
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.recovery import kinds
 from qmpbackup.recovery.host_files import RUN_FOLDER_PREFIX
 from qmpbackup.recovery.journal import Entry, Journal, JournalError, Undo
 from qmpbackup.recovery.replay import Sessions, replay
@@ -201,6 +206,10 @@ async def cleanup_vm(vmid: int, state_dir: Path, qmp_socket: Path | None, storag
     session: QmpSession | None = None
     sessions: Sessions | None = None
     try:
+        # The VM's QEMUs we spawned first: what they held (an instant copy, the disks of a VM that
+        # stop mode shut down and that is started again below) is free once they are gone.
+        for rec in await asyncio.to_thread(kill_orphans, state_dir, vmid=vmid):
+            report.actions.append(f"killed orphaned QEMU pid {rec.pid} of VM {rec.vmid}")
         session, gone = await _connect(vmid, qmp_socket)
         sessions = Sessions(vmid, session, current_gone=gone, connect=True)
 
@@ -208,15 +217,23 @@ async def cleanup_vm(vmid: int, state_dir: Path, qmp_socket: Path | None, storag
             report.actions.append(f"undid {entry.describe()}")
 
         def steps(live: QmpSession | None) -> Mapping[str, Undo]:
-            return undo_steps(live, runner=runner, say=report.actions.append)
+            return undo_steps(live, runner=runner, say=report.actions.append, state_dir=state_dir)
 
-        failures = await replay(journal, sessions, steps=steps, info=report.actions.append, undone=undone)
+        def not_start(entry: Entry) -> bool:
+            return entry.kind != kinds.STOPPED_VM.name
+
+        failures = await replay(journal, sessions, steps=steps, info=report.actions.append, undone=undone,
+                                only=not_start)
         reachable = sessions.reachable()
         report.qemu_reachable = bool(reachable)
         for live in reachable:
             await remove_by_name(live, vmid, report)
         if failures and journal.pending():  # what the by-name pass removed is undone now
-            failures = await replay(journal, sessions, steps=steps, info=report.actions.append, undone=undone)
+            failures = await replay(journal, sessions, steps=steps, info=report.actions.append, undone=undone,
+                                    only=not_start)
+        # Last, and once: a VM a stop-mode run left shut down starts when nothing of that run is left.
+        failures += await replay(journal, sessions, steps=steps, info=report.actions.append, undone=undone,
+                                 only=lambda e: not not_start(e))
         report.failures += failures
         if sessions.unreachable():
             return report  # a QEMU that may hold our files runs unreached: delete none of them

@@ -12,7 +12,7 @@ entry belongs to is gone (:mod:`qmpbackup.recovery.replay`):
 - ``qemu-file``: a file or volume QEMU may hold open (delete it only once that QEMU is
   gone or has let go of it);
 - ``host``: ours alone (archive ``.dat`` files, run folders, stop mode's instant copies of disks,
-  a freeze reached through the agent).
+  a freeze reached through the agent, a VM stop mode shut down and must start again).
 
 The undo step of each kind is in :mod:`qmpbackup.recovery.steps`; docs/format.md section J
 lists the same kinds for readers of the file.
@@ -35,6 +35,7 @@ class Kind:
     keys: Mapping[str, type]
     where: Where
     nullable: frozenset[str] = frozenset()
+    step_timeout: float | None = None  # seconds its undo step may take, where longer than replay's default
 
     def problem(self, data: Mapping[str, Any], *, exact: bool = False) -> str | None:
         """Why ``data`` does not fit this kind, or None. ``exact``: no extra keys either."""
@@ -46,6 +47,8 @@ class Kind:
                 continue
             if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
                 return f"key {key!r} is {type(value).__name__}, not {typ.__name__}"
+            if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+                return f"key {key!r} is not a list of strings"
         if exact and (extra := sorted(set(data) - set(self.keys))):
             return f"unknown key {extra[0]!r}"
         return None
@@ -67,6 +70,9 @@ OUTPUT_FILE = Kind("output-file", {"path": str}, "host")
 RUN_FOLDER = Kind("run-folder", {"path": str}, "host")
 # stop mode's point-in-time copy of a disk (a reflink clone, an LVM-thin or ZFS snapshot)
 INSTANT_COPY = Kind("instant-copy", {"method": str, "path": str}, "host")
+# stop mode shut the running VM down: it is started again with ``start`` (its definition's command,
+# a list of strings) unless it answers on ``qmp``; recorded before the shutdown
+STOPPED_VM = Kind("stopped-vm", {"vmid": int, "qmp": str, "start": list}, "host", step_timeout=240.0)
 # qmpbackup export --daemon and qmpbackup mount (the host journal, not a VM's)
 EXPORT_DAEMON = Kind("export-daemon", {"socket": str, "pidfile": str, "pid": int, "create_time": float}, "host",
                      frozenset({"pid", "create_time"}))
@@ -79,7 +85,8 @@ MOUNTED = Kind("mounted", {"mountpoint": str, "archive": str, "drive": str, "dev
 #: The registry: a kind not listed here cannot be recorded.
 KINDS: dict[str, Kind] = {k.name: k for k in (
     BLOCKDEV, BLOCKJOB, BITMAP, PAUSE, FREEZE, DRIVE_FILTER, BLOCK_EXPORT, NBD_SERVER, FLEECING_IMAGE,
-    OUTPUT_FILE, RUN_FOLDER, INSTANT_COPY, EXPORT_DAEMON, MOUNT_DIR, FUSE_EXPORT, LOOP_DEVICE, MOUNT, MOUNTED)}
+    OUTPUT_FILE, RUN_FOLDER, INSTANT_COPY, STOPPED_VM, EXPORT_DAEMON, MOUNT_DIR, FUSE_EXPORT, LOOP_DEVICE, MOUNT,
+    MOUNTED)}
 
 
 def entry_problem(kind: str, data: Mapping[str, Any], *, exact: bool = False) -> str | None:

@@ -147,7 +147,7 @@ async def replay(journal: Journal, sessions: Sessions | None, *, steps: StepTabl
             failures.append(f"no cleanup step for {entry.describe()}")
             continue
         try:
-            async with asyncio.timeout(step_timeout):
+            async with asyncio.timeout(max(step_timeout, kind.step_timeout or 0.0)):
                 await step(entry)
         except Exception as exc:  # logged, kept pending, the first error stays the one reported
             message = f"cleanup of {entry.describe()} failed: {exc or type(exc).__name__}"

@@ -117,15 +117,16 @@ def read_records(state_dir: Path) -> list[ProcessRecord]:
     return out
 
 
-def kill_orphans(state_dir: Path, timeout_s: float = 10.0) -> list[ProcessRecord]:
-    """Kill every recorded QEMU whose owner process is gone; return what was cleaned up.
+def kill_orphans(state_dir: Path, timeout_s: float = 10.0, *, vmid: int | None = None) -> list[ProcessRecord]:
+    """Kill every recorded QEMU (``vmid``: of that VM) whose owner process is gone; return what was
+    cleaned up.
 
     Records of live owners (another run of ours) are left alone. A record whose QEMU
     is already gone (or whose pid now belongs to another process) is only deleted.
     """
     cleaned: list[ProcessRecord] = []
     for rec in read_records(state_dir):
-        if same_process(rec.owner_pid, rec.owner_create_time):
+        if (vmid is not None and rec.vmid != vmid) or same_process(rec.owner_pid, rec.owner_create_time):
             continue
         if same_process(rec.pid, rec.create_time):
             log.warning("killing QEMU pid %d of VM %d left behind by run pid %d", rec.pid, rec.vmid, rec.owner_pid)

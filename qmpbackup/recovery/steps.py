@@ -4,7 +4,7 @@ Each step first asks whether its resource still exists, so it is safe to run twi
 after any crash. The steps themselves live beside the code that creates the resource
 (:mod:`qmpbackup.qemu.nodes`, :mod:`fleecing.graph`, :mod:`fleecing.images`,
 :mod:`qmpbackup.guest_agent.freeze`, :mod:`qmpbackup.recovery.host_files`,
-:mod:`qmpbackup.instant_copy`); this module only says which undoes what.
+:mod:`qmpbackup.instant_copy`, :mod:`qmpbackup.qemu.start_command`); this module only says which undoes what.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from qmpbackup.qemu.nodes import (
     resume_if_paused,
 )
 from qmpbackup.qemu.session import QmpSession
+from qmpbackup.qemu.start_command import start_left_stopped
 from qmpbackup.recovery import kinds
 from qmpbackup.recovery.host_files import remove_output_file, remove_run_folder
 from qmpbackup.recovery.journal import Entry, Undo
@@ -37,10 +38,12 @@ async def open_in_qemu(session: QmpSession) -> set[str]:
 
 
 def undo_steps(session: QmpSession | None, *, runner: Runner = run_command,
-               say: Callable[[str], None] | None = None) -> dict[str, Undo]:
+               say: Callable[[str], None] | None = None, state_dir: Path | None = None) -> dict[str, Undo]:
     """Kind → undo step. Without ``session`` only the kinds that need no QEMU are there.
 
-    ``say`` gets one line when a step found something the user should hear of (a thawed guest).
+    ``say`` gets one line when a step found something the user should hear of (a thawed guest,
+    a VM started again). ``stopped-vm`` has a step only with ``state_dir`` (the spawned-QEMU
+    records: a VM is never started while a QEMU we spawned may hold its disks).
     """
 
     async def freeze(entry: Entry) -> None:
@@ -66,6 +69,16 @@ def undo_steps(session: QmpSession | None, *, runner: Runner = run_command,
     steps: dict[str, Undo] = {kinds.FREEZE.name: freeze, kinds.FLEECING_IMAGE.name: image,
                               kinds.OUTPUT_FILE.name: output_file, kinds.RUN_FOLDER.name: run_folder,
                               kinds.INSTANT_COPY.name: instant_copy}
+    if state_dir is not None:
+        spawned = state_dir  # (narrowed for the closure)
+
+        async def stopped_vm(entry: Entry) -> None:
+            vmid = int(entry.data["vmid"])
+            if await start_left_stopped(vmid, Path(entry.data["qmp"]), entry.data["start"], spawned) \
+                    and say is not None:
+                say(f"VM {vmid} was left stopped by a stop-mode backup that died - started it again")
+
+        steps[kinds.STOPPED_VM.name] = stopped_vm
     if session is None:
         return steps
     s = session
