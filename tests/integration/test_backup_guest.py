@@ -82,6 +82,7 @@ def test_stop_mode_shuts_down_backs_up_and_starts_again(qemu: QemuBinaries, gues
         r = run.run("100", "--mode", "stop", "--stopwait", "1", timeout=170)
         assert r.returncode == 0, r.stderr
         assert "INFO: stopping virtual guest" in r.stderr and "guest is online again after" in r.stderr
+        assert not (tmp_path / "state" / "journal" / "100.jsonl").exists(), "stopped-vm resolved: the VM answers"
         assert guest.proc is not None and guest.proc.poll() is not None, "the original QEMU shut down"
         deadline = time.monotonic() + 60
         while not guest.qmp_path.exists() and time.monotonic() < deadline:

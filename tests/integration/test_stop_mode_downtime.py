@@ -104,6 +104,7 @@ def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBi
     assert seen["done"] - restarted >= 4.0, "the backup read the copy after the VM was running again"
     assert "reflink" in text
     assert not [p for p in fs.mountpoint.iterdir() if COPY_MARK in p.name], "the copy is dropped"
+    assert not (tmp_path / "state" / "journal" / "100.jsonl").exists(), "copies and stopped-vm resolved"
 
 
 @pytest.mark.timeout(900)
