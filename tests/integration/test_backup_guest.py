@@ -20,6 +20,7 @@ from tests.support.guest import (  # noqa: F401  (fixtures)
     guest_image,
 )
 from tests.support.qemu import QemuBinaries
+from tests.support.stop_mode import end_restarted, stoppable_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.qemu, pytest.mark.timeout(180)]
 
@@ -63,20 +64,9 @@ def test_snapshot_mode_with_agent_freeze(qemu: QemuBinaries, guests: GuestFactor
 
 def test_stop_mode_shuts_down_backs_up_and_starts_again(qemu: QemuBinaries, guests: GuestFactory, tmp_path: Path,
                                                         isolated_config: Path) -> None:
-    import shlex
-    import subprocess
     import time
 
-    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw"))
-    guest.wait_writer(above=2)
-    start = tmp_path / "start.sh"
-    start.write_text("#!/bin/sh\nsetsid " + shlex.join(guest.argv) + " </dev/null >/dev/null 2>&1 &\n")
-    start.chmod(0o755)
-    disk = guest.data_disk
-    (isolated_config / "guests").mkdir()
-    (isolated_config / "guests" / "100.conf").write_text(
-        f"name: stopme\nagent: 1\nvirtio0: {disk.path},format={disk.fmt}\n\n[qmpbackup]\n"
-        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    guest = stoppable_guest(guests, qemu, tmp_path, isolated_config)
     run = BackupRun(tmp_path)
     try:
         r = run.run("100", "--mode", "stop", "--stopwait", "1", timeout=170)
@@ -102,4 +92,4 @@ def test_stop_mode_shuts_down_backs_up_and_starts_again(qemu: QemuBinaries, gues
         check = check_writer_image(extract(archive, tmp_path / "x")["drive-virtio0"], str(qemu.img))
         assert check.fsck_rc == 0 and check.ok, check
     finally:
-        subprocess.run(["pkill", "-9", "-f", str(guest.qmp_path)], check=False)
+        end_restarted(tmp_path)

@@ -7,7 +7,6 @@ already running again. Times are taken as the CLI's lines arrive.
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 import sys
 import threading
@@ -22,13 +21,13 @@ from tests.support.backup import BackupRun, HeldRun
 from tests.support.guest import (  # noqa: F401  (fixtures)
     GuestFactory,
     GuestImage,
-    GuestOptions,
     TestGuest,
     _make_ext4,
     guest_image,
 )
 from tests.support.loopfs import LoopFs, loopfs  # noqa: F401
 from tests.support.qemu import QemuBinaries
+from tests.support.stop_mode import end_restarted, stoppable_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -44,22 +43,10 @@ def guests(guest_image: GuestImage) -> Iterator[GuestFactory]:  # noqa: F811 - t
 
 def _stoppable_guest(fs: LoopFs, data_mb: int, qemu: QemuBinaries, guests: GuestFactory, tmp_path: Path,
                      config: Path, started_file: Path | None = None) -> TestGuest:
-    """The test guest with its data disk on ``fs``, and VM 100's definition with a ``start``
-    command that starts it again (writing the moment into ``started_file``)."""
+    """:func:`stoppable_guest` with its data disk on ``fs``."""
     data = fs.mountpoint / "vm-100-disk-1.raw"
     _make_ext4(data, data_mb, ())
-    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw",
-                                      data_disk=data))
-    guest.wait_writer(above=2)
-    stamp = f"date +%s.%N > {started_file}\n" if started_file is not None else ""
-    start = tmp_path / "start.sh"
-    start.write_text(f"#!/bin/sh\n{stamp}setsid " + shlex.join(guest.argv) + " </dev/null >/dev/null 2>&1 &\n")
-    start.chmod(0o755)
-    (config / "guests").mkdir()
-    (config / "guests" / "100.conf").write_text(
-        f"name: stopme\nagent: 1\nvirtio0: {data},format=raw\n\n[qmpbackup]\n"
-        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
-    return guest
+    return stoppable_guest(guests, qemu, tmp_path, config, data, started_file)
 
 
 @pytest.mark.spread_over_qemu("fstype")  # the fstype does not meet QEMU: one version each
@@ -93,7 +80,7 @@ def test_downtime_is_the_shutdown_plus_an_instant_copy(fstype: str, qemu: QemuBi
     finally:
         if proc.poll() is None:
             proc.kill()
-        subprocess.run(["pkill", "-9", "-f", str(guest.qmp_path)], check=False)
+        end_restarted(tmp_path)
     text = "".join(lines)
     assert proc.returncode == 0, text
     watcher.join(timeout=5)
@@ -114,7 +101,7 @@ def test_a_copy_left_by_a_killed_stop_mode_run_is_removed(qemu: QemuBinaries, gu
     """SIGKILL of a stop-mode run while its instant copy exists (the VM already runs again):
     the copy is journaled, so ``qmpbackup cleanup`` (QEMU 7.2) or the next backup (10.0) removes it."""
     fs = loopfs("xfs", 300 << 20)
-    guest = _stoppable_guest(fs, 16, qemu, guests, tmp_path, isolated_config)
+    _stoppable_guest(fs, 16, qemu, guests, tmp_path, isolated_config)
     run = BackupRun(tmp_path)
     journal = tmp_path / "state" / "journal" / "100.jsonl"
 
@@ -141,4 +128,4 @@ def test_a_copy_left_by_a_killed_stop_mode_run_is_removed(qemu: QemuBinaries, gu
         assert copies() == []
         assert not journal.exists()
     finally:
-        subprocess.run(["pkill", "-9", "-f", str(guest.qmp_path)], check=False)
+        end_restarted(tmp_path)

@@ -10,12 +10,8 @@ command of its definition; its QMP socket answers and it runs.
 from __future__ import annotations
 
 import asyncio
-import os
-import shlex
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +21,9 @@ from qmpbackup.qemu.session import QmpSession
 from qmpbackup.qemu.start_command import qmp_accepts
 from qmpbackup.recovery.spawned import read_records, same_process
 from tests.support.backup import BackupRun, HeldRun, next_second
-from tests.support.guest import GuestFactory, GuestImage, GuestOptions, guest_image  # noqa: F401  (fixture)
+from tests.support.guest import GuestFactory, GuestImage, guest_image  # noqa: F401  (fixture)
 from tests.support.qemu import QemuBinaries
+from tests.support.stop_mode import end_restarted, stoppable_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.qemu, pytest.mark.timeout(600)]
 
@@ -46,17 +43,7 @@ async def _status(qmp: Path) -> str:
 @pytest.mark.parametrize("recovery", ["cleanup", "next backup"])
 def test_a_vm_left_stopped_by_a_killed_stop_mode_run_is_started_again(
         recovery: str, qemu: QemuBinaries, guests: GuestFactory, tmp_path: Path, isolated_config: Path) -> None:
-    guest = guests.start(GuestOptions(qemu=str(qemu.system), qemu_img=str(qemu.img), data_format="raw"))
-    guest.wait_writer(above=2)
-    vm_pid = tmp_path / "vm.pid"
-    start = tmp_path / "start.sh"
-    start.write_text(f"#!/bin/sh\nsetsid {shlex.join(guest.argv)} </dev/null >/dev/null 2>&1 &\necho $! > {vm_pid}\n")
-    start.chmod(0o755)
-    disk = guest.data_disk
-    (isolated_config / "guests").mkdir()
-    (isolated_config / "guests" / "100.conf").write_text(
-        f"name: stopme\nagent: 1\nvirtio0: {disk.path},format={disk.fmt}\n\n[qmpbackup]\n"
-        f"qmp: {guest.qmp_path}\nqga: {guest.qga_path}\nstart: {start}\nqemu: {qemu.system}\n")
+    guest = stoppable_guest(guests, qemu, tmp_path, isolated_config)
     state = tmp_path / "state"
     journal = state / "journal" / "100.jsonl"
     run = BackupRun(tmp_path)
@@ -88,9 +75,4 @@ def test_a_vm_left_stopped_by_a_killed_stop_mode_run_is_started_again(
         assert asyncio.run(_status(guest.qmp_path)) == "running"
         assert not journal.exists() and read_records(state) == []
     finally:
-        if vm_pid.exists():
-            try:
-                os.kill(int(vm_pid.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
+        end_restarted(tmp_path)
