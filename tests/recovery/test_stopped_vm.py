@@ -1,10 +1,11 @@
 """``stopped-vm``: a VM that a killed stop-mode run left shut down is started again by ``qmpbackup cleanup``.
 
-No QEMU here (tests/integration/test_stop_mode_restart.py kills a real stop-mode run): the "VM"
+No guest here (tests/integration/test_stop_mode_restart.py kills a real stop-mode run): the "VM"
 is a process listening on the QMP socket path, started by a real start command; the journal entry
 is the one ``reach_qemu`` writes. What is checked: the order (the orphaned QEMU spawned on the
-disks is gone before the start command runs), nothing is started while the socket accepts, and
-a failing start command is one line and exit 1 with the entry kept for the next cleanup.
+disks is gone before the start command runs), nothing is started while the socket accepts, a
+failing start command is one line and exit 1 with the entry kept for the next cleanup, and a
+backup that cannot start the VM backs it up as a stopped one (a real QEMU of ours on its disk).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from qmpbackup.recovery import kinds
 from qmpbackup.recovery.journal import Journal
 from qmpbackup.recovery.spawned import ProcessRecord, process_create_time, write_record
 from qmpbackup.recovery.state import journal_path
-from tests.support.qemu import ROOT
+from tests.support.backup import BackupRun, make_image
+from tests.support.qemu import ROOT, QemuBinaries
 
 VMID = 100
+MiB = 1 << 20
 
 #: Stands in for the VM's QEMU: listens on the QMP socket until killed (a stale socket file is
 #: replaced, as QEMU does).
@@ -145,3 +148,28 @@ def test_a_refusing_socket_left_by_a_killed_qemu_means_stopped(tmp_path: Path, s
     r = _cleanup(state)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (short_dir / "log").read_text() == "started\n"
+
+
+@pytest.mark.qemu
+def test_the_next_backup_backs_up_a_vm_it_cannot_start_as_a_stopped_one(qemu: QemuBinaries, tmp_path: Path,
+                                                                        isolated_config: Path,
+                                                                        short_dir: Path) -> None:
+    """The backup tries the start first (one WARN line when it fails), then backs the VM up stopped
+    (a QEMU of ours on its disks); the entry stays, and the next cleanup starts the VM."""
+    disk = make_image(qemu.img, qemu.io, tmp_path / "d.raw", "raw", 2 * MiB, [(0x42, 0, MiB)])
+    (isolated_config / "guests").mkdir()
+    (isolated_config / "guests" / "100.conf").write_text(
+        f"name: vm100\nmemory: 64\nscsi0: {disk},format=raw\n\n[qmpbackup]\nqemu: {qemu.system}\n"
+        f"qmp: {short_dir / 'qmp.sock'}\n")
+    state = tmp_path / "state"
+    (short_dir / "fail").touch()
+    _record_stopped(state, short_dir, _start_script(short_dir, 0))
+    run = BackupRun(tmp_path)
+    r = run.run("100")
+    assert r.returncode == 0, r.stderr
+    assert "exit status 3: no such VM unit" in r.stderr and "backup mode: stop" in r.stderr, r.stderr
+    assert len(run.archives()) == 1 and "stopped-vm" in journal_path(state, VMID).read_text()
+    (short_dir / "fail").unlink()
+    r = _cleanup(state)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (short_dir / "log").read_text() == "started\n" and not journal_path(state, VMID).exists()
