@@ -17,6 +17,7 @@ frame cache is behind a lock.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ import zstandard
 
 from qmpbackup.compress import GZIP_MAGIC, LZOP_MAGIC, ZSTD_MAGIC
 from qmpbackup.errors import QmpBackupError
+from qmpbackup.malloc_tuning import keep_large_buffers
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.index import (
     ZERO_CLUSTER,
@@ -63,6 +65,7 @@ class ArchiveDevices:
         self._lock = threading.Lock()
         self._frames: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._loading: dict[int, Future[bytes]] = {}  # frames a thread is decompressing
+        self._readahead = _Readahead(fd)
         self._hint = 0  # the frame found last (a guess to try first; shared by threads, checked every time)
         self.devices: list[DeviceReader] = [DeviceReader(self, dev) for dev in index.devices]
 
@@ -93,6 +96,7 @@ class ArchiveDevices:
         except BaseException:
             index.close()
             raise
+        keep_large_buffers()
         size = os.fstat(fd).st_size
         if not zstd and size < index.plain_size:
             os.close(fd)
@@ -123,6 +127,7 @@ class ArchiveDevices:
         """``length`` bytes of the uncompressed VMA stream at ``offset`` (a view into a cached frame
         when one frame holds them all: no copy)."""
         if not self._zstd:
+            self._readahead.read(offset, length)
             data = os.pread(self._fd, length, offset)
             if len(data) < length:
                 raise RandomAccessError(f"{self.path.name} ends before byte {offset + length}")
@@ -189,6 +194,7 @@ class ArchiveDevices:
 
     def _decompress(self, n: int) -> bytes:
         (c_start, p_start), (c_end, p_end) = self._index.frame(n), self._index.frame(n + 1)
+        self._readahead.read(c_start, c_end - c_start)
         raw = os.pread(self._fd, c_end - c_start, c_start)
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
@@ -252,6 +258,34 @@ class ArchiveDevices:
                     raise DataChecksumError(dev.name, first + i + j, stored.data_offset)
                 yield data
             i += len(run)
+
+
+class _Readahead:
+    """Asks the kernel to read ahead of sequential reads of the archive file (``WILLNEED``).
+
+    An export reads a stored run or a frame per NBD request, in several threads at once, so
+    the kernel sees interleaved ``pread`` calls and reads ahead little; on a cold page cache a
+    4 GiB ``.vma`` took 4.5 s through ``export`` instead of 3.3 s. A read that starts near where
+    the last one ended counts as sequential and keeps a window of ``WINDOW`` bytes requested
+    ahead of it; random reads ask for nothing more than they read. A hint only: racing threads
+    may ask twice, which costs a system call.
+    """
+
+    WINDOW: Final = 16 << 20
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._end = -1  # where the last read ended
+        self._ahead = 0  # requested up to here
+
+    def read(self, offset: int, length: int) -> None:
+        end = offset + length
+        if abs(offset - self._end) <= self.WINDOW and self._ahead - end < self.WINDOW // 2:
+            start = max(end, self._ahead)
+            self._ahead = end + self.WINDOW
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, start, self._ahead - start, os.POSIX_FADV_WILLNEED)
+        self._end = end
 
 
 class DeviceReader:

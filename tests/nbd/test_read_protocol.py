@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from pathlib import Path
 
@@ -105,6 +106,25 @@ async def test_structured_read_hole_and_block_status(image: Path, serve_files: R
             off = cookies.pop(got)
             assert payload == struct.pack(">Q", off) + expect[off:off + 65536]
         assert not cookies
+        await c.disconnect()
+        server.check()
+
+
+async def test_replies_larger_than_the_socket_buffer_arrive_whole(image: Path, serve_files: ReadServeFactory) -> None:
+    """A client that reads late: the server's scatter-gather sends stop part-way (in the middle of a
+    piece) and go on when the socket drains; no reply is cut or interleaved with another."""
+    expect = image.read_bytes()
+    async with serve_files({"d0": image}) as server:
+        c, _ = await _structured(str(server.path))
+        cookies = {c.send_request(Cmd.READ, off, MiB + 4096, flags=CmdFlag.DF): off
+                   for off in range(0, 2 * MiB - 4096, 65536 + 4096)}  # 30 MiB: more than any socket buffer
+        await c.writer.drain()
+        await asyncio.sleep(0.3)  # the server meanwhile fills the socket and waits for it to drain
+        for _ in range(len(cookies)):
+            [(got, _, rtype, payload)] = await c.read_structured_reply()
+            off = cookies.pop(got)
+            assert (rtype, payload) == (ReplyType.OFFSET_DATA,
+                                        struct.pack(">Q", off) + expect[off:off + MiB + 4096])
         await c.disconnect()
         server.check()
 
