@@ -39,8 +39,10 @@ from qmpbackup.vma.index import (
     IndexDevice,
 )
 
-#: Decompressed frames kept (each at most ~1 MiB for our archives).
-FRAME_CACHE = 16
+#: Decompressed frames kept (each at most ~1 MiB for our archives). A sequential reader's 8 reads
+#: in flight use up to ~24 frames: with 16 kept, 5 % of the frames of a 4 GiB disk were
+#: decompressed twice; with 32, none.
+FRAME_CACHE = 32
 #: What :meth:`DeviceReader.pieces` returns.
 Piece = bytes | bytearray | memoryview
 _ZEROS: Final = memoryview(ZERO_CLUSTER)
