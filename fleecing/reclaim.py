@@ -30,7 +30,7 @@ from qmpbackup.nbd.export import ExportConsumer
 from qmpbackup.qemu import naming
 from qmpbackup.qemu.capabilities import Capabilities
 from qmpbackup.qemu.errors import QmpCommandError
-from qmpbackup.qemu.nodes import delete_node
+from qmpbackup.qemu.nodes import add_node, delete_node
 from qmpbackup.qemu.session import QmpSession
 from qmpbackup.recovery import kinds
 from qmpbackup.recovery.journal import Entry, Journal
@@ -142,10 +142,9 @@ class TrimReclaimer:
         g = self.graph
         self.alignment = max(BLOCK, g.image.cluster_size, await copy_granularity(self.session, g.disk.top_node))
         self.set_alignment(self.alignment)
-        entry = self.journal.record(kinds.BLOCKDEV, node=self.node)
-        self._entries.append(entry)
-        await self.session.execute("blockdev-add", {"driver": "snapshot-access", "node-name": self.node,
-                                                    "file": g.names.cbw, "discard": "unmap"})
+        await add_node(self.session, self.journal, {"driver": "snapshot-access", "node-name": self.node,
+                                                    "file": g.names.cbw, "discard": "unmap"},
+                       error=FleecingError, recorded=self._entries.append, refused=self._entries.remove)
         self._entries.append(self.journal.record(kinds.BLOCK_EXPORT, id=self.export_id))
         await self.session.execute("block-export-add", {"type": "nbd", "id": self.export_id,
                                                         "node-name": self.node, "name": self.export_id,

@@ -182,3 +182,30 @@ async def test_busy_nbd_server_means_no_reclaim_not_no_backup(world: WorldFactor
         with pytest.raises(QmpBackupError, match="already running"):
             await w.session.execute("nbd-server-start", {"addr": {"type": "unix",
                                                                   "data": {"path": str(w.rundir / "x.sock")}}})
+
+
+@pytest.mark.qemu
+async def test_a_trim_node_left_by_an_earlier_run_means_no_reclaim_and_stays(world: WorldFactory,
+                                                                             tmp_path: Path) -> None:
+    """A node under the trim node's name (an earlier run's, its journal lost) is refused before anything
+    is recorded for it: the drive is backed up without reclaim, and no teardown deletes the node as ours."""
+    from fleecing.graph import DriveNames
+
+    src = random_disk(tmp_path / "disk.raw", 4 * MiB)
+    async with world([DriveSpec(src, bus="virtio", style="blockdev", dev_id="virtio0", node_name="disk0")]) as w:
+        if not needs_trim_path(w.caps):
+            pytest.skip(f"QEMU {w.caps.version_text} reclaims with discard-source")
+        (key,) = w.disks
+        leftover = DriveNames.of(VMID, key).snaptrim
+        await w.session.execute("blockdev-add", {"driver": "null-co", "node-name": leftover, "size": 4 * MiB})
+        (tmp_path / "store").mkdir()
+        plan = await w.plan(dir_storage(tmp_path / "store"))
+        fl = Fleecing(w.session, w.journal, w.caps, VMID, list(w.disks.values()), plan, rundir=w.rundir,
+                      qemu_img=str(w.qemu.img))
+        await fl.prepare()
+        await fl.insert()
+        assert not fl.reclaimers and any("already exists" in m for m in fl.warnings), fl.warnings
+        await fl.teardown()
+        assert not w.journal.pending()
+        nodes = {n["node-name"] for n in await w.session.execute("query-named-block-nodes", {"flat": True})}
+        assert leftover in nodes, "not ours to delete: cleanup's by-name pass removes it"
