@@ -8,9 +8,11 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fleecing.drives import Fleecing
 from fleecing.storage import FleecingPlan, fleecing_storage, plan_fleecing
 from qmpbackup.jobs.storage_cfg import Storage, parse_storage_cfg
 from qmpbackup.recovery.journal import Journal
@@ -61,6 +63,13 @@ class World:
     async def plan(self, storage: Storage, keys: list[str] | None = None) -> FleecingPlan:
         chosen = [self.disks[k] for k in keys or list(self.disks)]
         return await plan_fleecing(storage, [d.size for d in chosen])
+
+    async def fleecing(self, store: Path, **options: Any) -> Fleecing:
+        """Fleecing of every disk, its images on a new dir storage at ``store``: what most tests start with."""
+        store.mkdir()
+        plan = await self.plan(dir_storage(store))
+        return Fleecing(self.session, self.journal, self.caps, VMID, list(self.disks.values()), plan,
+                        rundir=self.rundir, qemu_img=str(self.qemu.img), **options)
 
     async def graph(self) -> dict[str, object]:
         """What a test compares: each device's node, and every node name."""

@@ -84,10 +84,7 @@ async def test_unwind_after_partial_build_restores(world: WorldFactory, tmp_path
               DriveSpec(random_disk(tmp_path / "d1.raw", 4 * MiB, seed=3), bus="scsi", dev_id="scsi1")]
     async with world(drives) as w:
         original = await w.graph()
-        (tmp_path / "store").mkdir()
-        plan = await w.plan(dir_storage(tmp_path / "store"))
-        fl = Fleecing(w.session, w.journal, w.caps, VMID, list(w.disks.values()), plan, rundir=w.rundir,
-                      qemu_img=str(w.qemu.img))
+        fl = await w.fleecing(tmp_path / "store")
         await fl.prepare()
         await fl.insert()
         kinds = [e.kind for e in w.journal.pending()]
@@ -113,10 +110,8 @@ async def test_cbw_bitmap_limits_the_snapshot_to_dirty_areas(world: WorldFactory
         await guest_write(w.session, disk.qdev, 0x01, 0, 65536)  # dirty: cluster 0
         await w.session.execute("block-dirty-bitmap-disable", {"node": disk.top_node, "name": "bm0"})
         before = bytes([1]) * 65536 + before[65536:]
-        (tmp_path / "store").mkdir()
-        plan = await w.plan(dir_storage(tmp_path / "store"))
-        fl = Fleecing(w.session, w.journal, w.caps, VMID, [disk], plan, rundir=w.rundir, qemu_img=str(w.qemu.img),
-                      bitmaps={"scsi0": {"node": disk.top_node, "name": "bm0"}}, reclaim=False)
+        fl = await w.fleecing(tmp_path / "store", bitmaps={"scsi0": {"node": disk.top_node, "name": "bm0"}},
+                              reclaim=False)
         await fl.prepare()
         await fl.insert()
         await guest_write(w.session, disk.qdev, 0x02, 0, 65536)
@@ -144,12 +139,9 @@ async def test_a_node_left_by_an_earlier_run_is_never_journaled_as_ours(world: W
 
     src = random_disk(tmp_path / "disk.raw", SIZE)
     async with world([DriveSpec(src, bus="scsi", style="blockdev", dev_id="scsi0", node_name="disk0")]) as w:
-        (tmp_path / "store").mkdir()
-        plan = await w.plan(dir_storage(tmp_path / "store"))
         leftover = DriveNames.of(VMID, "scsi0").fleece_file
         await w.session.execute("blockdev-add", {"driver": "null-co", "node-name": leftover, "size": SIZE})
-        fl = Fleecing(w.session, w.journal, w.caps, VMID, list(w.disks.values()), plan, rundir=w.rundir,
-                      qemu_img=str(w.qemu.img), reclaim=False)
+        fl = await w.fleecing(tmp_path / "store", reclaim=False)
         with pytest.raises(GraphError, match="already exists"):
             await fl.prepare()
         assert not [e for e in w.journal.pending() if e.data.get("node") == leftover]

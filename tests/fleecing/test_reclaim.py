@@ -169,10 +169,7 @@ async def test_busy_nbd_server_means_no_reclaim_not_no_backup(world: WorldFactor
             pytest.skip(f"QEMU {w.caps.version_text} reclaims with discard-source")
         await w.session.execute("nbd-server-start", {"addr": {"type": "unix",
                                                               "data": {"path": str(w.rundir / "theirs.sock")}}})
-        (tmp_path / "store").mkdir()
-        plan = await w.plan(dir_storage(tmp_path / "store"))
-        fl = Fleecing(w.session, w.journal, w.caps, VMID, list(w.disks.values()), plan, rundir=w.rundir,
-                      qemu_img=str(w.qemu.img))
+        fl = await w.fleecing(tmp_path / "store")
         await fl.prepare()
         await fl.insert()
         assert not fl.reclaimers and any("not reclaimed" in m for m in fl.warnings)
@@ -198,10 +195,7 @@ async def test_a_trim_node_left_by_an_earlier_run_means_no_reclaim_and_stays(wor
         (key,) = w.disks
         leftover = DriveNames.of(VMID, key).snaptrim
         await w.session.execute("blockdev-add", {"driver": "null-co", "node-name": leftover, "size": 4 * MiB})
-        (tmp_path / "store").mkdir()
-        plan = await w.plan(dir_storage(tmp_path / "store"))
-        fl = Fleecing(w.session, w.journal, w.caps, VMID, list(w.disks.values()), plan, rundir=w.rundir,
-                      qemu_img=str(w.qemu.img))
+        fl = await w.fleecing(tmp_path / "store")
         await fl.prepare()
         await fl.insert()
         assert not fl.reclaimers and any("already exists" in m for m in fl.warnings), fl.warnings
