@@ -69,7 +69,6 @@ _CHECK_CHUNK: Final = 8 << 20
 
 assert HEADER.size == 96 and RECORD.size == 32 and TRAILER.size == 32
 
-ZERO_CLUSTER: Final = fmt.ZERO_CLUSTER  # the same object, still importable from here (random_access does)
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
@@ -78,11 +77,11 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
     if len(data) == fmt.CLUSTER_SIZE:
         return xxhash.xxh3_128_digest(data)
     h = xxhash.xxh3_128(data)
-    h.update(ZERO_CLUSTER[len(data):])
+    h.update(fmt.ZERO_CLUSTER[len(data):])
     return h.digest()
 
 
-ZERO_DIGEST: Final = digest(ZERO_CLUSTER)
+ZERO_DIGEST: Final = digest(fmt.ZERO_CLUSTER)
 
 
 def stored_digest(payload: bytes | bytearray | memoryview, at: int, mask: int) -> bytes:
@@ -95,12 +94,12 @@ def stored_digest(payload: bytes | bytearray | memoryview, at: int, mask: int) -
     pos = 0
     for start, end in fmt.stored_runs(mask):
         if start > pos:
-            h.update(ZERO_CLUSTER[:start - pos])
+            h.update(fmt.ZERO_CLUSTER[:start - pos])
         h.update(payload[at:at + end - start])
         at += end - start
         pos = end
     if pos < fmt.CLUSTER_SIZE:
-        h.update(ZERO_CLUSTER[:fmt.CLUSTER_SIZE - pos])
+        h.update(fmt.ZERO_CLUSTER[:fmt.CLUSTER_SIZE - pos])
     return h.digest()
 
 
@@ -402,7 +401,7 @@ class ArchiveIndex:
         if h.digest() != checksum:
             raise ArchiveIndexError(f"index in {source} damaged (checksum mismatch)")
         self.algorithm = algo
-        self.zero_digest = ZERO_DIGEST if algo == DIGEST_XXH3_128 else self.digest_of(ZERO_CLUSTER)
+        self.zero_digest = ZERO_DIGEST if algo == DIGEST_XXH3_128 else self.digest_of(fmt.ZERO_CLUSTER)
         """The digest of an all-zero cluster: a stored cluster with it reads as zeros (allocation)."""
         self.uuid = UUID(bytes=uuid)
         self.framed = bool(flags & FLAG_FRAMED)

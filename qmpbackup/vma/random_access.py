@@ -33,7 +33,6 @@ from qmpbackup.errors import QmpBackupError
 from qmpbackup.malloc_tuning import keep_large_buffers
 from qmpbackup.vma import format as fmt
 from qmpbackup.vma.index import (
-    ZERO_CLUSTER,
     ArchiveIndex,
     DataChecksumError,
     IndexDevice,
@@ -45,7 +44,7 @@ from qmpbackup.vma.index import (
 FRAME_CACHE = 32
 #: What :meth:`DeviceReader.pieces` returns.
 Piece = bytes | bytearray | memoryview
-_ZEROS: Final = memoryview(ZERO_CLUSTER)
+_ZEROS: Final = memoryview(fmt.ZERO_CLUSTER)
 #: Runs one ``allocation`` call returns at most (an NBD BLOCK_STATUS reply may cover less than asked).
 ALLOCATION_RUNS = 1024
 _MASK_BATCH = 4096  # clusters whose records allocation unpacks at once
@@ -374,4 +373,4 @@ class DeviceReader:
         return runs
 
 
-__all__ = ["ZERO_CLUSTER", "ArchiveDevices", "DeviceReader", "Piece", "RandomAccessError"]
+__all__ = ["ArchiveDevices", "DeviceReader", "Piece", "RandomAccessError"]
