@@ -1,11 +1,14 @@
 """Running a host tool (qemu-img, losetup, mount, lvcreate, zfs): the one way every caller does it.
 
 No shell, stdin closed, a time limit (the tool is killed and reaped when it outlives it), stdout
-returned as text. Every way of failing (the tool cannot start, times out or exits non-zero)
+returned as text (with stderr merged into it, ``merge_stderr``: a VM's start command, whose
+output is logged as it came). Every way of failing (the tool cannot start, times out or exits non-zero)
 is one :class:`HostCommandError`, whose text is one line; callers that speak of a failure in
 their own terms (fleecing's ``CommandFailed``, stop mode's ``NoInstantCopy``, ``mount``'s
 ``MountError``) wrap it. The sync form serves the one caller outside the event loop, stop
 mode's instant copies, which run while the VM is down and nothing else may happen.
+``own_session`` runs the tool in a session of its own, so a terminal's Ctrl-C reaches only us (a VM's
+start command, whose QEMU must outlive it).
 """
 
 from __future__ import annotations
@@ -45,13 +48,16 @@ def _cannot_start(argv: Sequence[str], exc: OSError) -> HostCommandError:
     return HostCommandError(argv, CANNOT_START, exc.strerror or str(exc))
 
 
-async def run_host_command(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT_S) -> str:
-    """Run ``argv`` and return its stdout; a failure raises :class:`HostCommandError`."""
+async def run_host_command(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT_S,
+                           merge_stderr: bool = False, own_session: bool = False) -> str:
+    """Run ``argv`` and return its stdout; a failure raises :class:`HostCommandError` (whose ``stderr``
+    is the merged output with ``merge_stderr``)."""
     log.debug("running %s", " ".join(argv))
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+            start_new_session=own_session)
     except OSError as exc:
         raise _cannot_start(argv, exc) from exc
     try:
@@ -65,7 +71,7 @@ async def run_host_command(argv: Sequence[str], *, timeout: float = DEFAULT_TIME
             raise HostCommandError(argv, None, "", timeout=timeout) from None
         raise
     if proc.returncode != 0:
-        raise HostCommandError(argv, proc.returncode, err.decode(errors="replace"))
+        raise HostCommandError(argv, proc.returncode, (out if merge_stderr else err).decode(errors="replace"))
     return out.decode(errors="replace")
 
 

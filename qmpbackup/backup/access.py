@@ -33,6 +33,7 @@ from qmpbackup.qemu.shutdown import clean_shutdown
 from qmpbackup.qemu.spawn import SpawnedQemu
 from qmpbackup.qemu.start_command import (
     ANSWER_TIMEOUT_S,
+    QmpSocketUnclear,
     StartFailed,
     qmp_accepts,
     run_start_command,
@@ -166,13 +167,13 @@ async def _start_again(definition: GuestDefinition, down: Entry, journal: Journa
     The hooks' restart phases run later, in vzdump's order (see ``GuestRun``)."""
     assert definition.reach.start
     qmp = Path(down.data["qmp"])
-    if qmp_accepts(qmp):
-        journal.resolve(down)
-        return True
-    tasklog.info("restarting VM")
     try:
+        if qmp_accepts(qmp):
+            journal.resolve(down)
+            return True
+        tasklog.info("restarting VM")
         out = await run_start_command(definition.vmid, definition.reach.start)
-    except StartFailed as exc:
+    except (StartFailed, QmpSocketUnclear) as exc:
         tasklog.error(f"unable to start VM {definition.vmid} again: {exc}")
         return False
     tasklog.lines(logging.INFO, out)

@@ -9,24 +9,18 @@ command.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
 import re
-import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from qmpbackup.errors import ConfigError
 from qmpbackup.guest_config import SECTION, GuestDefinition, guest_path, parse_guest
+from qmpbackup.qemu.start_command import qmp_accepts, run_start_command
 from qmpbackup.restore.errors import RestoreError, RestoreRefusedError
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 120.0
-CONNECT_TIMEOUT_S = 1.0
 _SECTION_RE = re.compile(r"\[([^\]\s]+)\]\s*")
 
 
@@ -72,28 +66,10 @@ def read_existing(config_dir: Path, vmid: int) -> ExistingGuest | None:
     return ExistingGuest(path, text, definition, agent_section(text))
 
 
-def qmp_socket_alive(path: Path) -> bool:
-    """Whether something accepts connections on the QMP socket (then the VM is running)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(CONNECT_TIMEOUT_S)
-    try:
-        sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
-            return False
-        raise RestoreError(f"cannot tell whether the VM is running (QMP socket {path}: {exc})") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            sock.close()
-    return True
-
-
 def refuse_if_running(existing: ExistingGuest, vmid: int) -> None:
     """Proxmox refuses to restore over a running VM; so do we, when we can tell."""
     definition = existing.definition
-    if definition is not None and definition.reach.qmp is not None and qmp_socket_alive(definition.reach.qmp):
+    if definition is not None and definition.reach.qmp is not None and qmp_accepts(definition.reach.qmp):
         raise RestoreRefusedError(
             f"VM {vmid} is running (its QMP socket {definition.reach.qmp} accepts connections); stop it first"
         )
@@ -105,19 +81,11 @@ def definition_text(proxmox_text: str, existing: ExistingGuest | None) -> str:
     return proxmox_text + ("\n" + section if section else "")
 
 
-def start_guest(definition: GuestDefinition) -> None:
-    """Run the definition's ``start:`` command (bounded wait, exit status checked)."""
+async def start_guest(definition: GuestDefinition) -> None:
+    """Run the definition's ``start:`` command, as stop mode does (:func:`run_start_command`)."""
     command = definition.reach.start
     if command is None:
         raise RestoreError(f"VM {definition.vmid} has no start command ('start:' in [{SECTION}])")
     log.info("starting VM %d: %s", definition.vmid, " ".join(command))
-    try:
-        proc = subprocess.run(
-            list(command), capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False,
-            stdin=subprocess.DEVNULL, env=os.environ.copy(),
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RestoreError(f"start command of VM {definition.vmid} failed: {exc}") from exc
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
-        raise RestoreError(f"start command of VM {definition.vmid} failed: {detail}")
+    for line in (await run_start_command(definition.vmid, command)).splitlines():
+        log.info("%s", line)

@@ -154,7 +154,7 @@ async def _run_vm_and_copy(defn: GuestDefinition, images: list[ImagePlan], opts:
                            run_dir: Path, folder: Path, failures: ReadFailures) -> None:
     started = time.monotonic()
     if defn.reach.start:
-        await asyncio.to_thread(start_guest, defn)  # QEMU opens its backing from our loop meanwhile
+        await start_guest(defn)  # QEMU opens its backing from our loop meanwhile
         qmp = defn.reach.qmp
         if qmp is None:
             raise RestoreError(f"VM {defn.vmid}: --live needs the VM's QMP socket ('qmp:' in [qmpbackup])")

@@ -17,6 +17,7 @@ image directory this run created), so what existed before is untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -190,5 +191,5 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     log.info("total bytes read %d, sparse bytes %d (%.3g%%)", read, sparse, 100.0 * sparse / total if total else 0)
     log.info("restored VM %d: %s", opts.vmid, def_path)
     if opts.start:
-        start_guest(plan.definition)
+        asyncio.run(start_guest(plan.definition))  # restore runs outside the event loop
     return RestoreResult(plan.definition, tuple(plan.images), read, written)
