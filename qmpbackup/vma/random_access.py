@@ -36,6 +36,7 @@ from qmpbackup.vma.index import (
     ArchiveIndex,
     DataChecksumError,
     IndexDevice,
+    Record,
 )
 
 #: Decompressed frames kept (each at most ~1 MiB for our archives). A sequential reader's 8 reads
@@ -210,20 +211,23 @@ class ArchiveDevices:
 
     def cluster(self, dev: IndexDevice, cluster: int) -> bytes | bytearray | memoryview | None:
         """A cluster's 65536 bytes checked against its digest; None when it is all zero (mask 0)."""
-        record = self._index.record(dev, cluster)
+        return self._cluster(dev, cluster, self._index.record(dev, cluster))
+
+    def _cluster(self, dev: IndexDevice, cluster: int, record: Record) -> bytes | bytearray | memoryview | None:
         if record.mask == 0 or record.digest == self._index.zero_digest:
             return None  # (stored blocks whose cluster hashes as all zeros are zeros: nothing to read)
         stored = self.plain(record.data_offset, record.mask.bit_count() * fmt.BLOCK_SIZE)
-        data: bytes | bytearray | memoryview
         if record.mask == fmt.FULL_MASK:
-            data = stored
-        else:
-            buf = bytearray(fmt.CLUSTER_SIZE)
-            at = 0
-            for start, end in fmt.stored_runs(record.mask):
-                buf[start:end] = stored[at:at + end - start]
-                at += end - start
-            data = buf
+            return self._checked(dev, cluster, record, stored)
+        buf = bytearray(fmt.CLUSTER_SIZE)
+        at = 0
+        for start, end in fmt.stored_runs(record.mask):
+            buf[start:end] = stored[at:at + end - start]
+            at += end - start
+        return self._checked(dev, cluster, record, buf)
+
+    def _checked(self, dev: IndexDevice, cluster: int, record: Record, data: Piece) -> Piece:
+        """``data`` if it is the cluster the index recorded, else DataChecksumError."""
         if self._index.digest_of(data) != record.digest:
             raise DataChecksumError(dev.name, cluster, record.data_offset)
         return data
@@ -233,31 +237,29 @@ class ArchiveDevices:
 
         In a ``.vma`` the fully stored clusters of one extent lie back to back: each such run is
         read with one ``pread`` (up to an extent's 59 clusters) and handed out as views of it;
-        everything else goes through :meth:`cluster`. Sequential export reads are mostly this.
+        everything else is read as :meth:`cluster` reads it. Each record is read once.
+        Sequential export reads are mostly this.
         """
         index = self._index
         size = fmt.CLUSTER_SIZE
-        i = 0
-        while i < count:
-            record = index.record(dev, first + i)
+        end = first + count
+        cluster = first
+        record = index.record(dev, cluster) if count else None
+        while record is not None:
+            after = index.record(dev, cluster + 1) if cluster + 1 < end else None
             if self._zstd or record.mask != fmt.FULL_MASK or record.digest == index.zero_digest:
-                yield self.cluster(dev, first + i)
-                i += 1
+                yield self._cluster(dev, cluster, record)
+                cluster, record = cluster + 1, after
                 continue
             run = [record]
-            while i + len(run) < count:
-                after = index.record(dev, first + i + len(run))
-                if (after.mask != fmt.FULL_MASK or after.data_offset != run[-1].data_offset + size
-                        or after.digest == index.zero_digest):
-                    break
+            while (after is not None and after.mask == fmt.FULL_MASK and after.digest != index.zero_digest
+                   and after.data_offset == run[-1].data_offset + size):
                 run.append(after)
+                after = index.record(dev, cluster + len(run)) if cluster + len(run) < end else None
             span = memoryview(self.plain(record.data_offset, len(run) * size))
             for j, stored in enumerate(run):
-                data = span[j * size:(j + 1) * size]
-                if index.digest_of(data) != stored.digest:
-                    raise DataChecksumError(dev.name, first + i + j, stored.data_offset)
-                yield data
-            i += len(run)
+                yield self._checked(dev, cluster + j, stored, span[j * size:(j + 1) * size])
+            cluster, record = cluster + len(run), after
 
 
 class _Readahead:
