@@ -11,6 +11,7 @@ cost is that a few tens of MiB stay mapped while the process lives.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from typing import Final
 
@@ -21,15 +22,9 @@ _M_MMAP_THRESHOLD: Final = -3
 MMAP_THRESHOLD: Final = 32 << 20  # glibc's largest allowed value on 64-bit hosts
 TRIM_THRESHOLD: Final = 128 << 20
 
-_done = False
-
-
+@functools.cache
 def keep_large_buffers() -> None:
     """Raise glibc's mmap and trim thresholds once per process; a no-op with another C library."""
-    global _done
-    if _done:
-        return
-    _done = True
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

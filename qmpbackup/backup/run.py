@@ -280,6 +280,7 @@ class GuestRun:
             tasklog.info("status = running")
 
         sessions = Sessions(req.vmid, session)
+
         def leftover(entry: Entry) -> bool:  # an earlier run's stopped-vm is undone before QEMU is reached
             return entry.id in leftovers and entry.kind != kinds.STOPPED_VM.name
 
@@ -539,7 +540,7 @@ async def _final_unwind(journal: Journal, sessions: Sessions, tasklog: TaskLog, 
     def ours_now(entry: Entry) -> bool:
         return entry.kind not in _ACCESS_KINDS or (entry.kind == kinds.INSTANT_COPY.name and entry.id in leftovers)
 
-    if not [e for e in journal.pending() if ours_now(e)]:
+    if not any(ours_now(e) for e in journal.pending()):
         return
     task = asyncio.ensure_future(replay(journal, sessions, info=tasklog.info, say=tasklog.warn, only=ours_now))
     try:

@@ -43,12 +43,10 @@ def qmp_accepts(path: Path) -> bool:
         sock.settimeout(CONNECT_TIMEOUT_S)
         try:
             sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
-            return False
         except (BlockingIOError, TimeoutError):
             return True
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK, errno.ENOTDIR):
                 return False
             raise QmpSocketUnclear(f"cannot tell whether a QEMU listens on the QMP socket {path}: "
                                    f"{exc.strerror or exc}") from exc

@@ -70,7 +70,6 @@ _CHECK_CHUNK: Final = 8 << 20
 assert HEADER.size == 96 and RECORD.size == 32 and TRAILER.size == 32
 
 
-
 def digest(data: bytes | bytearray | memoryview) -> bytes:
     """xxh3-128 of one cluster (the only digest qmpbackup writes); a device's shorter last
     cluster is hashed as if zero-padded to 65536 bytes, as it is restored."""
